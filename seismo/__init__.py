@@ -1,0 +1,6 @@
+"""seismo: make neural-network training instabilities visible, explainable and fixable."""
+
+from seismo.monitor import Monitor
+
+__version__ = "0.1.0"
+__all__ = ["Monitor", "__version__"]

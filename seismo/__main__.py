@@ -1,0 +1,5 @@
+import sys
+
+from seismo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,74 @@
+"""Residual-stream activations: ``act/rms/<block>`` and ``act/max/<block>``.
+
+Per-block RMS and max |x| of each residual block's output. Pre-LN stacks grow hidden-state
+variance with depth and develop "massive activations" (Kim et al. 2025, Peri-LN, arXiv 2502.02732;
+Sun et al. 2024, arXiv 2402.17762). Blocks are the children of the first ``nn.ModuleList`` of
+same-typed modules (``transformer.h`` in GPT-2 and TinyGPT, ``model.layers`` in Llama), or the
+names the user gives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from seismo.monitor.logits import extract_logits
+from seismo.monitor.probe import HookSet, ProbeContext, ProbeFailure
+from seismo.monitor.schedules import Schedule, every
+
+__all__ = ["ActivationProbe", "find_blocks"]
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) >= 1 and len({type(c) for c in mod}) == 1:
+            if any(p.requires_grad for p in mod.parameters()):
+                return [f"{name}.{i}" if name else str(i) for i in range(len(mod))]
+    return []
+
+
+class ActivationProbe:
+    def __init__(self, name: str = "act", schedule: Schedule | None = None, blocks: list[str] | None = None):
+        self.name = name
+        self.schedule = schedule or every(1)
+        self.blocks = blocks
+        self._out: dict[str, Tensor] = {}
+
+    def attach(self, ctx: ProbeContext) -> None:
+        names = self.blocks if self.blocks is not None else find_blocks(ctx.model)
+        if not names:
+            raise ProbeFailure("found no residual blocks (no nn.ModuleList of layers); pass blocks=[...] names")
+        self.modules = {}
+        for n in names:
+            try:
+                self.modules[n] = ctx.model.get_submodule(n)
+            except AttributeError:
+                raise ProbeFailure(f"no module named {n!r} for activation tracking") from None
+        self.hooks = HookSet(self.name, ctx.on_error)
+
+    def arm(self, step: int) -> None:
+        self._out = {}
+        for n, m in self.modules.items():
+            self.hooks.add(m.register_forward_hook(self.hooks.guard(self._make_hook(n))))
+
+    def _make_hook(self, name: str):
+        def hook(module, inputs, output):
+            if not torch.is_grad_enabled() or f"act/rms/{name}" in self._out:
+                return
+            x = extract_logits(output)
+            if x is None:
+                return
+            with torch.no_grad():
+                x = x.detach().float()
+                self._out[f"act/rms/{name}"] = x.pow(2).mean().sqrt()
+                self._out[f"act/max/{name}"] = x.abs().amax()
+        return hook
+
+    def collect(self, step: int, loss: Tensor | None) -> dict[str, Tensor]:
+        self.hooks.remove()
+        out, self._out = self._out, {}
+        return out
+
+    def detach(self) -> None:
+        self.hooks.remove()

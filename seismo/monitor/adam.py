@@ -1,0 +1,140 @@
+"""Adam-state signals, for any optimizer whose state has ``exp_avg`` and ``exp_avg_sq``.
+
+With r = m_hat / (sqrt(v_hat) + eps) the per-coordinate update ratio:
+
+* ``adam/ratio_std/<module>`` — std of r. For i.i.d. gradients it sits near
+  sqrt((1 - b1) / (1 + b1)) (0.229 at b1 = 0.9); time-correlated gradients push it towards 1.
+* ``adam/ratio_bimodal/<module>`` — fraction of coordinates with |r| > 0.9: Molybog et al. 2023
+  (arXiv 2304.09871) show that r turning bimodal at +-1 precedes Adam's divergence.
+* ``adam/update_rms/<module>`` — RMS of r; it drops below its usual ~1 scale when gradients reach
+  the eps scale (Wortsman et al. 2023, arXiv 2309.14322 §3.5).
+* ``adam/eps_dominated/<module>`` — fraction of coordinates with sqrt(v_hat) < eps.
+* ``adam/update_grad_cos`` — cosine between the Adam direction r and the gradient.
+* ``adam/v_l1``, ``adam/v_max`` — l1 norm and max of the raw second moment, the gradient-variance
+  signals of Li et al. 2022 (arXiv 2108.06084).
+
+Computed in the optimizer's post-step hook on tracked steps, from the state the step just wrote.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from seismo.monitor.probe import HookSet, ProbeContext, ProbeFailure, param_modules
+from seismo.monitor.schedules import Schedule, every
+
+__all__ = ["AdamProbe", "adam_ratio"]
+
+
+def adam_ratio(exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor | float, beta1: float, beta2: float, eps: float) -> tuple[Tensor, Tensor]:
+    """Return (r, sqrt(v_hat)) with bias correction at ``step`` (a tensor or a number)."""
+    t = step if isinstance(step, Tensor) else torch.tensor(float(step))
+    t = t.to(device=exp_avg.device, dtype=torch.float32)
+    bc1 = 1 - torch.pow(torch.tensor(beta1, device=t.device), t)
+    bc2 = 1 - torch.pow(torch.tensor(beta2, device=t.device), t)
+    denom = (exp_avg_sq.float() / bc2).sqrt()
+    return (exp_avg.float() / bc1) / (denom + eps), denom
+
+
+class AdamProbe:
+    def __init__(self, name: str = "adam", schedule: Schedule | None = None, bimodal_threshold: float = 0.9):
+        self.name = name
+        self.schedule = schedule or every(10)
+        self.bimodal_threshold = bimodal_threshold
+        self._armed = False
+        self._out: dict[str, Tensor] = {}
+
+    def attach(self, ctx: ProbeContext) -> None:
+        if ctx.optimizer is None:
+            raise ProbeFailure("Adam signals need the optimizer (Monitor(model, optimizer))")
+        self.opt = ctx.optimizer
+        in_opt = {id(p) for g in ctx.optimizer.param_groups for p in g["params"]}
+        groups = {m: [p for _, p in pl if id(p) in in_opt] for m, pl in param_modules(ctx.model).items()}
+        groups = {m: pl for m, pl in groups.items() if pl}
+        if not groups:
+            raise ProbeFailure("none of the model's parameters is in the optimizer")
+        self.owner_of = {}
+        self.modules = list(groups)
+        for i, plist in enumerate(groups.values()):
+            for p in plist:
+                self.owner_of[id(p)] = i
+        self.hooks = HookSet(self.name, ctx.on_error)
+        self.hooks.add(ctx.optimizer.register_step_post_hook(self.hooks.guard(self._post)))
+
+    def arm(self, step: int) -> None:
+        self._armed = True
+        self._out = {}
+
+    @torch.no_grad()
+    def _post(self, optimizer, args, kwargs) -> None:
+        if not self._armed:
+            return
+        M = len(self.modules)
+        dev = None
+        acc = None  # per module: coordinates, sum r, sum r^2, count |r| > thr, count eps-dominated
+        dot = gsq = rsq = v_l1 = v_max = None
+        seen = False
+        for group in optimizer.param_groups:
+            betas = group.get("betas")
+            eps = group.get("eps")
+            if betas is None or eps is None:
+                continue
+            for p in group["params"]:
+                st = optimizer.state.get(p)
+                if not st or "exp_avg" not in st or "exp_avg_sq" not in st or id(p) not in self.owner_of:
+                    continue
+                seen = True
+                r, sv = adam_ratio(st["exp_avg"], st["exp_avg_sq"], st.get("step", 1), betas[0], betas[1], eps)
+                if acc is None:
+                    dev = r.device
+                    acc = torch.zeros(M, 5, device=dev)
+                    dot, gsq, rsq = (torch.zeros((), device=dev) for _ in range(3))
+                    v_l1 = torch.zeros((), device=dev)
+                    v_max = torch.full((), float("-inf"), device=dev)
+                i = self.owner_of[id(p)]
+                row = torch.stack([
+                    torch.ones((), device=dev) * r.numel(),
+                    r.sum(),
+                    r.pow(2).sum(),
+                    (r.abs() > self.bimodal_threshold).sum().float(),
+                    (sv < eps).sum().float(),
+                ])
+                acc[i] += row
+                v = st["exp_avg_sq"].float()
+                v_l1 = v_l1 + v.abs().sum()
+                v_max = torch.maximum(v_max, v.max())
+                rsq = rsq + r.pow(2).sum()
+                if p.grad is not None:
+                    g = p.grad.detach().float()
+                    dot = dot + (r * g).sum()
+                    gsq = gsq + g.pow(2).sum()
+        if not seen:
+            if any(optimizer.state.values()):
+                raise ProbeFailure(
+                    f"{type(optimizer).__name__} keeps no Adam state (exp_avg / exp_avg_sq); the Adam probe is off"
+                )
+            return
+        n = acc[:, 0].clamp_min(1)
+        mean = acc[:, 1] / n
+        std = (acc[:, 2] / n - mean.pow(2)).clamp_min(0).sqrt()
+        rms = (acc[:, 2] / n).sqrt()
+        out = {
+            "adam/update_grad_cos": dot / (rsq.sqrt() * gsq.sqrt()).clamp_min(1e-30),
+            "adam/v_l1": v_l1,
+            "adam/v_max": v_max,
+        }
+        for i, m in enumerate(self.modules):
+            out[f"adam/ratio_std/{m}"] = std[i]
+            out[f"adam/ratio_bimodal/{m}"] = acc[i, 3] / n[i]
+            out[f"adam/update_rms/{m}"] = rms[i]
+            out[f"adam/eps_dominated/{m}"] = acc[i, 4] / n[i]
+        self._out = out
+
+    def collect(self, step: int, loss: Tensor | None) -> dict[str, Tensor]:
+        self._armed = False
+        out, self._out = self._out, {}
+        return out
+
+    def detach(self) -> None:
+        self.hooks.remove()

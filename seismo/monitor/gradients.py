@@ -1,0 +1,171 @@
+"""Gradient, parameter and update norms.
+
+Signals: ``grad/norm`` (global, before any clipping), ``grad/norm/<module>``,
+``grad/rms/<module>``, ``grad/nonfinite``; ``param/norm/<module>``, ``update/norm``,
+``update/ratio/<module>`` (update norm / parameter norm).
+
+Gradients are read by per-parameter post-accumulate-grad hooks installed only on tracked steps,
+so they are seen before any clipping the loop applies and before ``zero_grad``. Under
+``torch.distributed`` (world size > 1) the local gradients are not yet averaged at that point,
+so the probe reads the averaged gradients in the optimizer's pre-step hook instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from seismo.monitor.probe import HookSet, ProbeContext, ProbeFailure, param_modules
+from seismo.monitor.schedules import Schedule, every
+
+__all__ = ["GradientProbe", "UpdateProbe"]
+
+
+def _index(groups: dict[str, list]) -> tuple[list[str], list[Tensor], Tensor, Tensor]:
+    names, params, owner = [], [], []
+    for i, (mod, plist) in enumerate(groups.items()):
+        names.append(mod)
+        for _, p in plist:
+            params.append(p)
+            owner.append(i)
+    numel = torch.zeros(len(names))
+    for i, p in zip(owner, params):
+        numel[i] += p.numel()
+    return names, params, torch.tensor(owner), numel
+
+
+class GradientProbe:
+    def __init__(self, name: str = "grad", schedule: Schedule | None = None, per_module: bool = True, source: str = "auto"):
+        if source not in ("auto", "backward", "optimizer"):
+            raise ValueError(f"GradientProbe source must be 'auto', 'backward' or 'optimizer', got {source!r}")
+        self.name = name
+        self.schedule = schedule or every(1)
+        self.per_module = per_module
+        self.source = source
+        self._armed = False
+        self._sq: dict[int, Tensor] = {}
+        self._bad: dict[int, Tensor] = {}
+
+    def attach(self, ctx: ProbeContext) -> None:
+        groups = param_modules(ctx.model)
+        if not groups:
+            raise ProbeFailure("the model has no trainable parameters")
+        self.modules, self.params, owner, numel = _index(groups)
+        self._slot = {id(p): i for i, p in enumerate(self.params)}
+        dev = self.params[0].device
+        self._owner, self._numel = owner.to(dev), numel.to(dev)
+        self.hooks = HookSet(self.name, ctx.on_error)
+        self.step_hooks = HookSet(self.name, ctx.on_error)
+        if self.source == "auto":
+            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            self.source = "optimizer" if distributed else "backward"
+        if self.source == "optimizer":
+            if ctx.optimizer is None:
+                raise ProbeFailure("reading gradients at the optimizer step needs the optimizer")
+            self.step_hooks.add(ctx.optimizer.register_step_pre_hook(self.step_hooks.guard(self._on_step)))
+
+    def _record(self, p: Tensor) -> None:
+        g = p.grad
+        if g is None:
+            return
+        g = g.detach()
+        self._sq[id(p)] = g.float().pow(2).sum()
+        self._bad[id(p)] = (~torch.isfinite(g)).sum()
+
+    def arm(self, step: int) -> None:
+        self._armed = True
+        self._sq.clear()
+        self._bad.clear()
+        if self.source == "backward":
+            for p in self.params:
+                self.hooks.add(p.register_post_accumulate_grad_hook(self.hooks.guard(self._record)))
+
+    def _on_step(self, optimizer, args, kwargs) -> None:
+        if self._armed:
+            for p in self.params:
+                self._record(p)
+
+    def collect(self, step: int, loss: Tensor | None) -> dict[str, Tensor]:
+        self.hooks.remove()
+        self._armed = False
+        if not self._sq:
+            return {}
+        dev = self._owner.device
+        sq = torch.zeros(len(self.params), device=dev)
+        bad = torch.zeros(len(self.params), device=dev)
+        for pid, v in self._sq.items():
+            sq[self._slot[pid]] = v
+            bad[self._slot[pid]] = self._bad[pid].float()
+        out = {"grad/norm": sq.sum().sqrt(), "grad/nonfinite": bad.sum()}
+        if self.per_module:
+            msq = torch.zeros(len(self.modules), device=dev).index_add_(0, self._owner, sq)
+            norms = msq.sqrt()
+            rms = (msq / self._numel).sqrt()
+            for i, m in enumerate(self.modules):
+                out[f"grad/norm/{m}"] = norms[i]
+                out[f"grad/rms/{m}"] = rms[i]
+        return out
+
+    def detach(self) -> None:
+        self.hooks.remove()
+        self.step_hooks.remove()
+
+
+class UpdateProbe:
+    """Parameter norms and the size of the optimizer's update, per module.
+
+    On tracked steps the parameters are copied in the optimizer's pre-step hook (one transient
+    copy of the model's weights) and compared in its post-step hook.
+    """
+
+    def __init__(self, name: str = "update", schedule: Schedule | None = None):
+        self.name = name
+        self.schedule = schedule or every(1)
+        self._armed = False
+        self._before: list[Tensor] | None = None
+        self._out: dict[str, Tensor] = {}
+
+    def attach(self, ctx: ProbeContext) -> None:
+        if ctx.optimizer is None:
+            raise ProbeFailure("update norms need the optimizer (Monitor(model, optimizer))")
+        groups = param_modules(ctx.model)
+        self.modules, self.params, owner, _ = _index(groups)
+        self._owner = owner.to(self.params[0].device)
+        self.hooks = HookSet(self.name, ctx.on_error)
+        self.hooks.add(ctx.optimizer.register_step_pre_hook(self.hooks.guard(self._pre)))
+        self.hooks.add(ctx.optimizer.register_step_post_hook(self.hooks.guard(self._post)))
+
+    def arm(self, step: int) -> None:
+        self._armed = True
+        self._out = {}
+
+    @torch.no_grad()
+    def _pre(self, optimizer, args, kwargs) -> None:
+        if self._armed:
+            self._before = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def _post(self, optimizer, args, kwargs) -> None:
+        if not self._armed or self._before is None:
+            return
+        dev = self._owner.device
+        psq = torch.stack([p.detach().float().pow(2).sum() for p in self.params])
+        usq = torch.stack([(p.detach().float() - b.float()).pow(2).sum() for p, b in zip(self.params, self._before)])
+        self._before = None
+        mp = torch.zeros(len(self.modules), device=dev).index_add_(0, self._owner, psq).sqrt()
+        mu = torch.zeros(len(self.modules), device=dev).index_add_(0, self._owner, usq).sqrt()
+        ratio = mu / mp.clamp_min(1e-30)
+        out = {"update/norm": usq.sum().sqrt(), "param/norm": psq.sum().sqrt()}
+        for i, m in enumerate(self.modules):
+            out[f"param/norm/{m}"] = mp[i]
+            out[f"update/ratio/{m}"] = ratio[i]
+        self._out = out
+
+    def collect(self, step: int, loss: Tensor | None) -> dict[str, Tensor]:
+        self._armed = False
+        out, self._out = self._out, {}
+        return out
+
+    def detach(self) -> None:
+        self.hooks.remove()

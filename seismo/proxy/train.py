@@ -1,0 +1,366 @@
+"""``train(config) -> RunResult``: the proxy training loop, readable top to bottom.
+
+AdamW (optionally with independent weight decay), warm-up + cosine/linear decay, global-norm
+clipping, z-loss, sequence-length warm-up, periodic validation, seeded determinism, exact
+checkpoint resume, and non-finite losses ending the run with status ``diverged``. Every run is
+watched by :class:`seismo.Monitor` (the same monitor users attach to their own loops).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from seismo.mitigate.losses import z_loss
+from seismo.mitigate.param_groups import decay_groups, independent_weight_decay, mup_param_groups
+from seismo.mitigate.schedules import lr_at, seqlen_warmup
+from seismo.monitor import PRESETS, Monitor
+from seismo.proxy.config import from_dict, to_dict
+from seismo.proxy.data import DataConfig, load_dataset
+from seismo.proxy.model import ConfigError, GPTConfig, TinyGPT
+
+__all__ = ["OptimConfig", "SeqlenWarmupConfig", "TrainConfig", "RunResult", "train", "save_checkpoint", "load_checkpoint"]
+
+DECAYS = ("cosine", "linear", "constant")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule. ``weight_decay`` is lambda; with ``independent_wd`` torch gets lambda / lr."""
+
+    lr: float = 1e-2
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    independent_wd: bool = False
+    grad_clip: float = 0.0
+    warmup_steps: int = 100
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.1
+
+    def validate(self) -> None:
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"optim.lr: must be a positive number, got {self.lr!r}")
+        for f in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, f) < 1.0:
+                raise ConfigError(f"optim.{f}: must be in [0, 1), got {getattr(self, f)}")
+        if self.eps < 0:
+            raise ConfigError(f"optim.eps: must be >= 0, got {self.eps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip: must be >= 0 (0 = off), got {self.grad_clip}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.decay not in DECAYS:
+            raise ConfigError(f"optim.decay: must be one of {DECAYS}, got {self.decay!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class SeqlenWarmupConfig:
+    """Sequence-length warm-up (Li et al. 2022): truncate batches to a length growing from ``start``."""
+
+    enabled: bool = False
+    start: int = 8
+    steps: int = 0  # 0 means: as long as the lr warm-up
+    multiple: int = 8
+
+    def validate(self) -> None:
+        if self.enabled and (self.start < 1 or self.multiple < 1 or self.steps < 0):
+            raise ConfigError("seqlen_warmup: need start >= 1, multiple >= 1, steps >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one proxy run needs. Presets (:mod:`seismo.proxy.presets`) return these."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seqlen_warmup: SeqlenWarmupConfig = field(default_factory=SeqlenWarmupConfig)
+    z_loss: float = 0.0
+    steps: int = 600
+    batch_size: int = 32  # 0 = full batch (modular data)
+    seq_len: int = 0  # 0 means model.block_size
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 4
+    log_every: int = 10
+    monitor: str = "default"  # a Monitor preset, or "none"
+    monitor_every: int = 0  # 0: the preset's own schedules
+    run_name: str = "run"
+    out_dir: str = ""  # run directory (config, checkpoint); "" writes no files
+    store: str = ""  # SQLite run store; "" means <out_dir>/../seismo.sqlite when out_dir is set
+    checkpoint_every: int = 0
+    stop_at: int = 0  # stop (as if interrupted) after this many steps; 0 = never
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.seqlen_warmup.validate()
+        if not isinstance(self.batch_size, int) or self.batch_size < 0 or (self.batch_size == 0 and self.data.source != "modular"):
+            raise ConfigError(f"batch_size: must be a positive integer (0 = full batch, modular data only), got {self.batch_size!r}")
+        for f in ("steps", "eval_batches", "log_every"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{f}: must be a positive integer, got {v!r}")
+        for f in ("seq_len", "eval_every", "checkpoint_every", "stop_at", "monitor_every", "seed"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{f}: must be an integer >= 0, got {v!r}")
+        if self.seq_len > self.model.block_size:
+            raise ConfigError(f"seq_len: {self.seq_len} exceeds model.block_size {self.model.block_size}")
+        if self.z_loss < 0:
+            raise ConfigError(f"z_loss: must be >= 0, got {self.z_loss}")
+        if self.monitor not in PRESETS + ("none",):
+            raise ConfigError(f"monitor: must be one of {PRESETS + ('none',)}, got {self.monitor!r}")
+        if self.checkpoint_every and not self.out_dir:
+            raise ConfigError("checkpoint_every: needs out_dir to write checkpoints into")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        return from_dict(cls, data)
+
+
+@dataclass
+class RunResult:
+    """What a run did. ``status`` is ``completed``, ``diverged`` or ``interrupted``."""
+
+    status: str
+    steps_done: int
+    train_loss: np.ndarray
+    val_loss: list[tuple[int, float]]
+    final_train_loss: float
+    final_val_loss: float
+    max_attn_logit: float
+    history: dict[str, tuple[np.ndarray, np.ndarray]]
+    config: dict
+    meta: dict
+    wall_time: float
+    run_dir: str | None = None
+    run_id: int | None = None
+    store: str | None = None
+    diverged_at: int | None = None
+
+    def series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name not in self.history:
+            raise KeyError(f"no signal {name!r}; recorded: {sorted(self.history)[:30]}")
+        return self.history[name]
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write ``state`` atomically: a temporary file, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_optimizer(model: TinyGPT, cfg: OptimConfig) -> torch.optim.AdamW:
+    wd = independent_weight_decay(cfg.weight_decay, cfg.lr) if cfg.independent_wd else cfg.weight_decay
+    if model.config.parametrization == "mup":
+        groups = mup_param_groups(model, wd, model.config.width_mult)
+    else:
+        groups = decay_groups(model, wd)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+@torch.no_grad()
+def evaluate(model: TinyGPT, ds, cfg: TrainConfig, seq_len: int) -> float:
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(cfg.eval_batches):
+        x, y = ds.batch("val", cfg.seed, i, cfg.batch_size, seq_len, cfg.device)
+        total += float(model(x, y)[1])
+    model.train(was_training)
+    return total / cfg.eval_batches
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    listeners: list[Callable[[int, dict[str, float]], None]] | None = None,
+) -> RunResult:
+    """Train TinyGPT as ``cfg`` says. ``on_log(step, info)`` is called every ``log_every`` steps
+    with host values (loss, lr, seq_len, max attention logit, ...). With ``resume``, continue from
+    ``<out_dir>/checkpoint.pt`` if it exists, reproducing the uninterrupted run exactly."""
+    cfg.validate()
+    t_start = time.time()
+    device = torch.device(cfg.device)
+    ds = load_dataset(cfg.data)
+    if cfg.model.vocab_size != ds.vocab_size:
+        cfg.model.vocab_size = ds.vocab_size  # the data decides the vocabulary
+    seq_len = cfg.seq_len or cfg.model.block_size
+    run_dir = Path(cfg.out_dir) if cfg.out_dir else None
+    ckpt_path = run_dir / "checkpoint.pt" if run_dir else None
+
+    torch.manual_seed(cfg.seed)
+    model = TinyGPT(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    losses = torch.full((cfg.steps,), float("nan"), device=device)
+    val_losses: list[tuple[int, float]] = []
+    start = 0
+    run_id = None
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optim"])
+        torch.set_rng_state(ck["rng"])
+        start = int(ck["step"])
+        losses[:start] = ck["losses"][:start].to(device)
+        val_losses = [(int(s), float(v)) for s, v in ck["val"]]
+        run_id = ck.get("run_id")
+
+    meta = dict(data=ds.meta, n_params=model.num_params(), n_params_total=model.num_params(False), torch=torch.__version__)
+    store_path = cfg.store or (str(run_dir.parent / "seismo.sqlite") if run_dir else "")
+    if run_dir:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / "config.json", cfg.to_dict())
+    monitor = None
+    if cfg.monitor != "none":
+        monitor = Monitor(
+            model, optimizer, store=store_path or None, run_name=cfg.run_name, probes=cfg.monitor,
+            every=cfg.monitor_every or None, config=cfg.to_dict(), meta=meta, flush_every=cfg.log_every,
+            listeners=listeners or (), start_step=start, run_id=run_id,
+        )
+        run_id = monitor.run_id
+
+    status, diverged_at = "completed", None
+    slw = cfg.seqlen_warmup
+    slw_steps = slw.steps or max(1, cfg.optim.warmup_steps)
+    model.train()
+    step = start
+    for step in range(start, cfg.steps):
+        # 1. schedules: pure functions of the step
+        lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.decay, cfg.optim.lr * cfg.optim.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        cur_len = seqlen_warmup(step, min(slw.start, seq_len), seq_len, slw_steps, slw.multiple) if slw.enabled else seq_len
+
+        # 2. forward / backward / step
+        x, y = ds.batch("train", cfg.seed, step, cfg.batch_size, seq_len, device)
+        x, y = x[:, :cur_len], y[:, :cur_len]
+        logits, loss = model(x, y)
+        total = loss + z_loss(logits, cfg.z_loss, ignore_mask=(y == -1)) if cfg.z_loss > 0 else loss
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        losses[step] = loss.detach()
+        if monitor is not None:
+            monitor.step(loss)
+
+        # 3. every log_every steps: one host sync, divergence check, progress
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            window = losses[max(0, done - cfg.log_every) : done]
+            finite = torch.isfinite(window)
+            if not bool(finite.all()):
+                status = "diverged"
+                diverged_at = max(0, done - cfg.log_every) + int((~finite).nonzero()[0, 0])
+            if on_log is not None:
+                info = dict(loss=float(window[-1]), lr=lr, seq_len=cur_len)
+                if monitor is not None:
+                    info["attn_logit_max"] = monitor.latest("attn/logit_max/")
+                    info["logz_mean"] = monitor.latest("logits/logz_mean")
+                on_log(step, info)
+            if status == "diverged":
+                break
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+            v = evaluate(model, ds, cfg, seq_len)
+            val_losses.append((done, v))
+            if monitor is not None:
+                monitor.log({"val/loss": v}, step=step)
+        if ckpt_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+            _checkpoint(ckpt_path, model, optimizer, done, losses, val_losses, run_id)
+        if cfg.stop_at and done >= cfg.stop_at and done < cfg.steps:
+            status = "interrupted"
+            break
+
+    steps_done = step + 1 if cfg.steps > start else start
+    if status == "completed":
+        v = evaluate(model, ds, cfg, seq_len)
+        val_losses.append((steps_done, v))
+        if monitor is not None:
+            monitor.log({"val/loss": v}, step=steps_done - 1)
+    if status == "interrupted" and ckpt_path is not None:
+        _checkpoint(ckpt_path, model, optimizer, steps_done, losses, val_losses, run_id)
+
+    train_loss = losses[:steps_done].cpu().numpy()
+    tail = train_loss[max(0, steps_done - 20) :]
+    final_train = float(np.mean(tail)) if len(tail) and np.all(np.isfinite(tail)) else math.nan
+    final_val = val_losses[-1][1] if status == "completed" and val_losses else math.nan
+    history: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if monitor is not None:
+        monitor.close(status, meta=dict(final_train_loss=final_train, final_val_loss=final_val, steps_done=steps_done))
+        history = {k: (np.asarray(s), np.asarray(v)) for k, (s, v) in monitor.history.items()}
+    attn = [np.nanmax(v) for k, (_, v) in history.items() if k.startswith("attn/logit_max/") and len(v) and np.isfinite(v).any()]
+    result = RunResult(
+        status=status, steps_done=steps_done, train_loss=train_loss, val_loss=val_losses,
+        final_train_loss=final_train, final_val_loss=final_val,
+        max_attn_logit=float(max(attn)) if attn else math.nan, history=history,
+        config=cfg.to_dict(), meta=meta, wall_time=time.time() - t_start,
+        run_dir=str(run_dir) if run_dir else None, run_id=run_id, store=store_path or None, diverged_at=diverged_at,
+    )
+    if run_dir:
+        _write_json(run_dir / "result.json", dict(
+            status=status, steps_done=steps_done, final_train_loss=final_train, final_val_loss=final_val,
+            max_attn_logit=result.max_attn_logit, diverged_at=diverged_at, wall_time=result.wall_time, run_id=run_id,
+        ))
+    return result
+
+
+def _checkpoint(path, model, optimizer, step, losses, val_losses, run_id) -> None:
+    save_checkpoint(path, {
+        "step": step,
+        "model": model.state_dict(),
+        "optim": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "losses": losses[:step].detach().cpu(),
+        "val": [[s, v] for s, v in val_losses],
+        "run_id": run_id,
+    })
+
+
+def _write_json(path: Path, data: dict) -> None:
+    import json
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=True))
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
