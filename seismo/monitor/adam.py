@@ -49,6 +49,11 @@ class AdamProbe:
         if ctx.optimizer is None:
             raise ProbeFailure("Adam signals need the optimizer (Monitor(model, optimizer))")
         self.opt = ctx.optimizer
+        if not any("betas" in g and "eps" in g for g in ctx.optimizer.param_groups):
+            # e.g. plain SGD: its state stays empty, so the post-step check below never fires.
+            raise ProbeFailure(
+                f"{type(ctx.optimizer).__name__} keeps no Adam state (exp_avg / exp_avg_sq, betas, eps); the Adam probe is off"
+            )
         in_opt = {id(p) for g in ctx.optimizer.param_groups for p in g["params"]}
         groups = {m: [p for _, p in pl if id(p) in in_opt] for m, pl in param_modules(ctx.model).items()}
         groups = {m: pl for m, pl in groups.items() if pl}

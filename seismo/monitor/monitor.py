@@ -97,6 +97,9 @@ class Monitor:
         keep_history: keep every flushed value in ``self.history``.
         output / blocks / attention_sample / probe_loss: options for the preset's probes.
         start_step / run_id: continue a resumed run (step numbering and the same stored run).
+        diagnose: True (default detectors) or a ``seismo.diagnose.Diagnoser``: run the detectors
+            on every flushed record; events go to the run store, ``self.events`` and ``on_event``.
+        on_event: called with each batch of new events (e.g. ``seismo.diagnose.AlertPrinter()``).
     """
 
     def __init__(
@@ -119,6 +122,8 @@ class Monitor:
         attention_sample: int = 4,
         probe_loss: Callable[[nn.Module], Tensor] | None = None,
         run_id: int | None = None,
+        diagnose: Any = False,
+        on_event: Callable[[list], None] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor needs an nn.Module, got {type(model).__name__}")
@@ -174,6 +179,22 @@ class Monitor:
             else:
                 self.run_id = self._store.create_run(run_name or "run", config=config or {}, meta=meta or {})
             self._writer = AsyncWriter(self._store.path, self.run_id)
+
+        self.diagnoser = None
+        self.events: list = []
+        if diagnose:
+            from seismo.diagnose.engine import Diagnoser
+
+            self.diagnoser = diagnose if isinstance(diagnose, Diagnoser) else Diagnoser()
+            self.diagnoser.sinks.append(self._on_events)
+            self.listeners.append(self.diagnoser)
+        self._on_event = on_event
+
+    def _on_events(self, events: list) -> None:
+        self.events.extend(events)
+        self.events_sink([e.to_dict() for e in events])
+        if self._on_event is not None:
+            self._on_event(events)
 
     # --- probe management -------------------------------------------------------------
     def _probe_error(self, name: str, exc: BaseException) -> None:

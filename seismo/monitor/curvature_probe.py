@@ -1,0 +1,181 @@
+"""Curvature probe: ``hessian/max_eig``, ``hessian/max_eig_precond``, ``hessian/threshold``,
+``hessian/trace`` (the ``hessian`` prefix is the probe's instance name).
+
+* ``max_eig`` — sharpness, the top eigenvalue of the Hessian of ``probe_loss(model)`` (a fixed
+  probe batch), by Lanczos on Hessian-vector products (Cohen et al. 2021, arXiv 2103.00065;
+  Gilmer et al. 2022, arXiv 2110.04369).
+* ``max_eig_precond`` — for Adam-like optimizers, the top eigenvalue of ``P^-1/2 H P^-1/2`` with
+  ``P = diag(sqrt(v_hat) + eps)`` read from the optimizer state (Cohen et al. 2022,
+  arXiv 2207.14484, "adaptive edge of stability").
+* ``threshold`` — the quadratic-model stability threshold of the optimizer at its current lr:
+  ``2 / lr`` for SGD, ``(2 + 2 beta) / lr`` with momentum, ``(2 + 2 beta1) / ((1 - beta1) lr)``
+  (``38 / lr`` at beta1 = 0.9) for Adam, to compare with ``max_eig_precond`` (or ``max_eig`` for SGD).
+* ``trace`` (``trace=True``) — Hutchinson's estimate of the Hessian trace.
+
+Everything is computed in :meth:`CurvatureProbe.collect`, i.e. after the optimizer step, on the
+parameters the next step starts from. The Hessian-vector-product graph is built once per tracked
+step and shared by every estimator. Observation does not perturb training: parameters, ``.grad``,
+optimizer state, module buffers, train/eval flags and the global RNG are left as they were
+(random vectors come from a private generator). The Lanczos iteration synchronises with the
+host, so this probe belongs on a sparse schedule (every 100 steps by default).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from seismo.monitor.curvature import (
+    adam_preconditioner,
+    hutchinson_trace,
+    hvp_fn,
+    lanczos_top_eigenvalue,
+    stability_threshold,
+)
+from seismo.monitor.probe import ProbeContext, ProbeFailure, warn_once
+from seismo.monitor.schedules import Schedule, every
+
+__all__ = ["CurvatureProbe"]
+
+
+@contextmanager
+def _untouched(model: nn.Module, params: list[Tensor]) -> Iterator[None]:
+    """Restore ``.grad``, train/eval flags and buffers of ``model`` on exit (the global RNG is
+    restored by :func:`hvp_fn` itself)."""
+    grads = [p.grad for p in params]
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        for p, g in zip(params, grads):
+            if p.grad is not g:
+                p.grad = g
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad():
+            for b, saved in buffers:
+                if not torch.equal(b, saved):  # leave unchanged buffers' version counters alone
+                    b.copy_(saved)
+
+
+class CurvatureProbe:
+    """Sharpness of a fixed probe batch, plain and Adam-preconditioned, against its threshold.
+
+    Args:
+        probe_loss: ``f(model) -> scalar loss`` on a fixed batch (keep it small: each Lanczos
+            step costs about two backward passes through it). The model is passed in its current
+            train/eval mode; ``probe_loss`` may switch it (e.g. ``model.eval()`` for a
+            dropout-free Hessian): modes are restored afterwards.
+        name: instance name, the prefix of the signals.
+        schedule: tracked steps (default every 100 steps).
+        iters: Lanczos steps (Hessian-vector products) per eigenvalue.
+        trace: also estimate the Hessian trace with ``trace_samples`` Rademacher probes.
+        seed: seed of the private generator for Lanczos start vectors and trace probes.
+    """
+
+    def __init__(
+        self,
+        probe_loss: Callable[[nn.Module], Tensor],
+        name: str = "hessian",
+        schedule: Schedule | None = None,
+        iters: int = 20,
+        trace: bool = False,
+        trace_samples: int = 10,
+        seed: int = 0,
+    ):
+        if not callable(probe_loss):
+            raise TypeError(f"probe_loss must be a callable model -> loss, got {type(probe_loss).__name__}")
+        if iters < 1 or trace_samples < 1:
+            raise ValueError("CurvatureProbe needs iters >= 1 and trace_samples >= 1")
+        self.probe_loss = probe_loss
+        self.name = name
+        self.schedule = schedule or every(100)
+        self.iters = iters
+        self.trace = trace
+        self.trace_samples = trace_samples
+        self.seed = seed
+        self._armed = False
+        self._warned: set[str] = set()
+
+    def attach(self, ctx: ProbeContext) -> None:
+        self.model = ctx.model
+        self.optimizer = ctx.optimizer
+        self.params = [p for p in ctx.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ProbeFailure("the model has no trainable parameters")
+        self.dim = sum(p.numel() for p in self.params)
+        opt = ctx.optimizer
+        groups = opt.param_groups if opt is not None else []
+        # Preconditioned sharpness needs Adam's second moment; parameters the optimizer does not
+        # manage are not moved by it and drop out of the preconditioned operator (P = inf).
+        self._adam = any("betas" in g and "eps" in g for g in groups)
+        managed = {id(p) for g in groups for p in g["params"]}
+        self._managed = [id(p) in managed for p in self.params]
+        # The optimizers stability_threshold knows: SGD (with or without momentum) and Adam-likes.
+        self._threshold = opt is not None and (isinstance(opt, torch.optim.SGD) or "betas" in getattr(opt, "defaults", {}))
+
+    def arm(self, step: int) -> None:
+        self._armed = True
+
+    def _preconditioner(self) -> Tensor | None:
+        if not self._adam or not any(self._managed):
+            return None
+        managed = [p for p, m in zip(self.params, self._managed) if m]
+        try:
+            P = adam_preconditioner(self.optimizer, managed)
+        except ValueError as exc:
+            warn_once(self._warned, "precond", f"seismo: {self.name}/max_eig_precond is off: {exc}")
+            self._adam = False
+            return None
+        if P is None or all(self._managed):
+            return P
+        full = torch.full((self.dim,), math.inf, dtype=P.dtype, device=P.device)
+        pos, src = 0, 0
+        for p, m in zip(self.params, self._managed):
+            n = p.numel()
+            if m:
+                full[pos : pos + n] = P[src : src + n]
+                src += n
+            pos += n
+        return full
+
+    def _threshold_value(self, device: torch.device) -> Tensor | None:
+        if not self._threshold:
+            return None
+        if float(self.optimizer.param_groups[0]["lr"]) == 0.0:
+            return torch.tensor(math.inf, device=device)
+        return torch.tensor(stability_threshold(self.optimizer), device=device)
+
+    def collect(self, step: int, loss: Tensor | None) -> dict[str, Tensor]:
+        if not self._armed:
+            return {}
+        self._armed = False
+        device = self.params[0].device
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        lanczos = dict(iters=self.iters, seed=self.seed + step, dtype=dtype, device=device)
+        out: dict[str, Tensor] = {}
+        with _untouched(self.model, self.params):
+            hvp = hvp_fn(lambda: self.probe_loss(self.model), self.params)
+            out[f"{self.name}/max_eig"] = lanczos_top_eigenvalue(hvp, self.dim, **lanczos)
+            P = self._preconditioner()
+            if P is not None:
+                s = P.to(device=device, dtype=dtype).rsqrt()  # P^-1/2; 0 where P = inf
+                out[f"{self.name}/max_eig_precond"] = lanczos_top_eigenvalue(lambda v: s * hvp(s * v), self.dim, **lanczos)
+            if self.trace:
+                out[f"{self.name}/trace"] = hutchinson_trace(
+                    hvp, self.dim, samples=self.trace_samples, seed=self.seed + step, dtype=dtype, device=device
+                )
+            del hvp  # frees the double-backward graph
+        thr = self._threshold_value(device)
+        if thr is not None:
+            out[f"{self.name}/threshold"] = thr
+        return out
+
+    def detach(self) -> None:
+        self._armed = False
