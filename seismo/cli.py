@@ -47,23 +47,18 @@ def _train_with_progress(cfg, console, label: str, resume: bool = False):
         console=console, transient=False,
     ) as progress:
         task = progress.add_task(label, total=cfg.steps, stats="")
-        alerts = {"attn": 0.0}
+        from seismo.diagnose.engine import AlertPrinter
+
+        alerts = AlertPrinter(progress.console, quiet_steps=cfg.steps)
 
         def on_log(step: int, info: dict) -> None:
             logit = info.get("attn_logit_max", math.nan)
             stats = f"loss {_fmt(info['loss'])}  max attn logit {_fmt(logit, 1)}  lr {info['lr']:.2e}"
             progress.update(task, completed=step + 1, stats=stats)
-            # Announce each new decade of attention-logit growth as it happens.
-            if logit == logit and logit >= 100 and logit >= 10 * max(alerts["attn"], 10.0):
-                alerts["attn"] = logit
-                progress.console.print(
-                    f"  [yellow]step {step + 1}: max attention logit {_fmt(logit, 1)} "
-                    f"(a healthy run stays below ~100): attention is saturating[/yellow]"
-                )
             if info["loss"] != info["loss"] or math.isinf(info["loss"]):
                 progress.console.print(f"  [red]step {step + 1}: loss is not finite; the run diverged[/red]")
 
-        result = train(cfg, on_log=on_log, resume=resume)
+        result = train(cfg, on_log=on_log, resume=resume, on_event=alerts)
         progress.update(task, completed=result.steps_done)
     return result
 
@@ -94,10 +89,11 @@ def cmd_demo(args) -> int:
         results.append((label, _train_with_progress(cfg, console, label)))
 
     table = Table(title="TinyGPT, same data, same seed, lr 0.1")
-    for col in ("run", "final train loss", "final val loss", "max attention logit", "status"):
+    for col in ("run", "final train loss", "final val loss", "max attention logit", "attention events", "status"):
         table.add_column(col, justify="left" if col == "run" else "right")
     for label, r in results:
-        table.add_row(label, _fmt(r.final_train_loss), _fmt(r.final_val_loss), _fmt(r.max_attn_logit, 1),
+        n_attn = sum(1 for e in r.events if e.kind.startswith("attention"))
+        table.add_row(label, _fmt(r.final_train_loss), _fmt(r.final_val_loss), _fmt(r.max_attn_logit, 1), str(n_attn),
                       "[red]diverged[/red]" if r.status == "diverged" else r.status)
     console.print()
     console.print(table)
@@ -117,13 +113,63 @@ def cmd_demo(args) -> int:
         f"({ratio:,.0f}x the stabilized run): softmax attention saturates to one-hot and the loss "
         f"stalls at {_fmt(ru.final_val_loss)} vs {_fmt(rs.final_val_loss)}.\n"
     )
+    from seismo.diagnose.engine import summarize
+
+    d = summarize(ru.events, ru.run_dir or "unstable")
+    if d.cause_kind:
+        first_warn = min((e.step for e in ru.events if e.kind == "attention_logit_growth"), default=None)
+        console.print(f"Diagnosis of the unstable run: {d.cause}.")
+        if first_warn is not None:
+            console.print(f"  first attention_logit_growth warning at step {first_warn}")
+        for rec in d.recommendations[:2]:
+            console.print(f"  recommended: {rec['name']} ({rec['how']}) [{rec['paper']}]")
+        console.print()
     console.print(
         "Outputs:\n"
         f"  runs:      {ru.run_dir}\n             {rs.run_dir}\n"
         f"{plot_note}"
         f"  run store: {ru.store}\n"
-        f"Next: [bold]seismo runs --store {ru.store}[/bold]"
+        f"Next: [bold]seismo runs --store {ru.store}[/bold]\n"
+        f"      [bold]seismo diagnose {ru.run_id} --store {ru.store}[/bold]"
     )
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    import json
+
+    from seismo.diagnose.engine import diagnose_run
+
+    path = Path(args.store)
+    if not path.exists():
+        raise CLIError(f"--store: no run store at {path}")
+    d = diagnose_run(str(path), args.run, replay=not args.stored_events)
+    if args.json:
+        print(json.dumps(d.to_dict(), indent=2, default=str))
+        return 0
+    from rich.table import Table
+
+    console = _console()
+    console.print(f"[bold]Diagnosis of run {d.run}[/bold]")
+    console.print(f"Likely cause: {d.cause}.")
+    if d.events:
+        table = Table(title="timeline (first events; grouped by kind and module)")
+        for col in ("step", "severity", "kind", "module", "message"):
+            table.add_column(col)
+        seen: dict[tuple, int] = {}
+        for e in d.events:
+            key = (e.kind, e.module, e.severity)
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] == 1 and len(table.rows) < args.max_events:
+                table.add_row(str(e.step), e.severity, e.kind, e.module or "-", e.message)
+        console.print(table)
+    if d.modules:
+        console.print("Modules involved: " + ", ".join(f"{m} ({n})" for m, n in list(d.modules.items())[:8]))
+    if d.recommendations:
+        console.print("Recommended changes, most likely to help first:")
+        for i, r in enumerate(d.recommendations[:6], 1):
+            call = f" `{r['call']}`" if r["call"] else ""
+            console.print(f"  {i}. {r['name']}: {r['how']}{call}  [{r['paper']}]  (for {r['for']})")
     return 0
 
 
@@ -201,6 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("runs", help="list the runs in a run store")
     r.add_argument("--store", default=f"{DEFAULT_RUNS_DIR}/seismo.sqlite")
     r.set_defaults(fn=cmd_runs)
+
+    dg = sub.add_parser("diagnose", help="explain what went wrong in a stored run and what to change")
+    dg.add_argument("run", help="run id or name")
+    dg.add_argument("--store", default=f"{DEFAULT_RUNS_DIR}/seismo.sqlite")
+    dg.add_argument("--json", action="store_true", help="machine-readable output")
+    dg.add_argument("--stored-events", action="store_true", help="use the events recorded during the run instead of replaying the signals")
+    dg.add_argument("--max-events", type=int, default=20)
+    dg.set_defaults(fn=cmd_diagnose)
 
     ps = sub.add_parser("presets", help="list training presets")
     ps.set_defaults(fn=cmd_presets)

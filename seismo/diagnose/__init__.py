@@ -1,0 +1,18 @@
+"""Online detectors that name each instability, point at the module, warn early and advise.
+
+See docs/DIAGNOSE.md.
+"""
+
+from seismo.diagnose.detectors import (
+    AdamDecorrelationDetector, Detector, EdgeOfStabilityDetector, GrowthDetector, NonFiniteDetector,
+    SpikeDetector, StallDetector, ThresholdDetector, default_detectors,
+)
+from seismo.diagnose.engine import AlertPrinter, Diagnoser, Diagnosis, diagnose_history, diagnose_run
+from seismo.diagnose.events import KINDS, Event
+from seismo.diagnose.playbook import PLAYBOOK, Mitigation, mitigations_for
+
+__all__ = [
+    "Event", "KINDS", "Detector", "SpikeDetector", "GrowthDetector", "ThresholdDetector", "NonFiniteDetector",
+    "AdamDecorrelationDetector", "EdgeOfStabilityDetector", "StallDetector", "default_detectors",
+    "Diagnoser", "Diagnosis", "AlertPrinter", "diagnose_history", "diagnose_run", "PLAYBOOK", "Mitigation", "mitigations_for",
+]

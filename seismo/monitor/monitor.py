@@ -99,7 +99,8 @@ class Monitor:
         start_step / run_id: continue a resumed run (step numbering and the same stored run).
         diagnose: True (default detectors) or a ``seismo.diagnose.Diagnoser``: run the detectors
             on every flushed record; events go to the run store, ``self.events`` and ``on_event``.
-        on_event: called with each batch of new events (e.g. ``seismo.diagnose.AlertPrinter()``).
+        on_event: called with each batch of new events; by default (``alerts=True``) a rate-limited
+            :class:`seismo.diagnose.AlertPrinter` prints them to stderr.
     """
 
     def __init__(
@@ -124,6 +125,7 @@ class Monitor:
         run_id: int | None = None,
         diagnose: Any = False,
         on_event: Callable[[list], None] | None = None,
+        alerts: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor needs an nn.Module, got {type(model).__name__}")
@@ -188,6 +190,10 @@ class Monitor:
             self.diagnoser = diagnose if isinstance(diagnose, Diagnoser) else Diagnoser()
             self.diagnoser.sinks.append(self._on_events)
             self.listeners.append(self.diagnoser)
+        if self.diagnoser is not None and on_event is None and alerts:
+            from seismo.diagnose.engine import AlertPrinter
+
+            on_event = AlertPrinter()
         self._on_event = on_event
 
     def _on_events(self, events: list) -> None:

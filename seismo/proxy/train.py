@@ -98,6 +98,7 @@ class TrainConfig:
     log_every: int = 10
     monitor: str = "default"  # a Monitor preset, or "none"
     monitor_every: int = 0  # 0: the preset's own schedules
+    diagnose: bool = True  # run seismo's detectors live; events go to the run store
     run_name: str = "run"
     out_dir: str = ""  # run directory (config, checkpoint); "" writes no files
     store: str = ""  # SQLite run store; "" means <out_dir>/../seismo.sqlite when out_dir is set
@@ -156,6 +157,7 @@ class RunResult:
     run_id: int | None = None
     store: str | None = None
     diverged_at: int | None = None
+    events: list = field(default_factory=list)
 
     def series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         if name not in self.history:
@@ -207,6 +209,7 @@ def train(
     resume: bool = False,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     listeners: list[Callable[[int, dict[str, float]], None]] | None = None,
+    on_event: Callable[[list], None] | None = None,
 ) -> RunResult:
     """Train TinyGPT as ``cfg`` says. ``on_log(step, info)`` is called every ``log_every`` steps
     with host values (loss, lr, seq_len, max attention logit, ...). With ``resume``, continue from
@@ -228,6 +231,7 @@ def train(
     val_losses: list[tuple[int, float]] = []
     start = 0
     run_id = None
+    ck_detectors: dict = {}
     if resume and ckpt_path is not None and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path)
         model.load_state_dict(ck["model"])
@@ -237,6 +241,7 @@ def train(
         losses[:start] = ck["losses"][:start].to(device)
         val_losses = [(int(s), float(v)) for s, v in ck["val"]]
         run_id = ck.get("run_id")
+        ck_detectors = ck.get("detectors") or {}
 
     meta = dict(data=ds.meta, n_params=model.num_params(), n_params_total=model.num_params(False), torch=torch.__version__)
     store_path = cfg.store or (str(run_dir.parent / "seismo.sqlite") if run_dir else "")
@@ -248,8 +253,10 @@ def train(
         monitor = Monitor(
             model, optimizer, store=store_path or None, run_name=cfg.run_name, probes=cfg.monitor,
             every=cfg.monitor_every or None, config=cfg.to_dict(), meta=meta, flush_every=cfg.log_every,
-            listeners=listeners or (), start_step=start, run_id=run_id,
+            listeners=listeners or (), start_step=start, run_id=run_id, diagnose=cfg.diagnose, on_event=on_event, alerts=False,
         )
+        if resume and monitor.diagnoser is not None and ck_detectors:
+            monitor.diagnoser.load_state_dict(ck_detectors)
         run_id = monitor.run_id
 
     status, diverged_at = "completed", None
@@ -300,7 +307,7 @@ def train(
             if monitor is not None:
                 monitor.log({"val/loss": v}, step=step)
         if ckpt_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            _checkpoint(ckpt_path, model, optimizer, done, losses, val_losses, run_id)
+            _checkpoint(ckpt_path, model, optimizer, done, losses, val_losses, run_id, monitor)
         if cfg.stop_at and done >= cfg.stop_at and done < cfg.steps:
             status = "interrupted"
             break
@@ -312,7 +319,7 @@ def train(
         if monitor is not None:
             monitor.log({"val/loss": v}, step=steps_done - 1)
     if status == "interrupted" and ckpt_path is not None:
-        _checkpoint(ckpt_path, model, optimizer, steps_done, losses, val_losses, run_id)
+        _checkpoint(ckpt_path, model, optimizer, steps_done, losses, val_losses, run_id, monitor)
 
     train_loss = losses[:steps_done].cpu().numpy()
     tail = train_loss[max(0, steps_done - 20) :]
@@ -329,6 +336,7 @@ def train(
         max_attn_logit=float(max(attn)) if attn else math.nan, history=history,
         config=cfg.to_dict(), meta=meta, wall_time=time.time() - t_start,
         run_dir=str(run_dir) if run_dir else None, run_id=run_id, store=store_path or None, diverged_at=diverged_at,
+        events=list(monitor.events) if monitor is not None else [],
     )
     if run_dir:
         _write_json(run_dir / "result.json", dict(
@@ -338,8 +346,13 @@ def train(
     return result
 
 
-def _checkpoint(path, model, optimizer, step, losses, val_losses, run_id) -> None:
+def _checkpoint(path, model, optimizer, step, losses, val_losses, run_id, monitor=None) -> None:
+    detectors = {}
+    if monitor is not None and monitor.diagnoser is not None:
+        monitor.flush()  # detectors must have seen every step up to the checkpoint
+        detectors = monitor.diagnoser.state_dict()
     save_checkpoint(path, {
+        "detectors": detectors,
         "step": step,
         "model": model.state_dict(),
         "optim": optimizer.state_dict(),

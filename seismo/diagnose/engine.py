@@ -1,0 +1,177 @@
+"""Run detectors live (as a Monitor listener) or over a stored run, and explain the result."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from seismo.diagnose.detectors import Detector, default_detectors
+from seismo.diagnose.events import Event
+from seismo.diagnose.playbook import CAUSES, PRIORITY, mitigations_for
+
+__all__ = ["Diagnoser", "Diagnosis", "diagnose_history", "diagnose_run", "AlertPrinter"]
+
+EventSink = Callable[[list[Event]], None]
+
+
+class Diagnoser:
+    """Feed it ``(step, {signal: value})`` records; it runs every detector and fans events out.
+
+    Use it as a Monitor listener (``Monitor(..., diagnose=True)`` does this). Each event gets the
+    playbook's first recommendation as ``advice``. A detector that raises is disabled with one
+    warning; the others go on.
+    """
+
+    def __init__(self, detectors: Sequence[Detector] | None = None, sinks: Iterable[EventSink] = ()):
+        self.detectors = list(default_detectors() if detectors is None else detectors)
+        names = [d.name for d in self.detectors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"detector names must be unique, got {names}")
+        self.sinks = list(sinks)
+        self.events: list[Event] = []
+        self.disabled: dict[str, str] = {}
+
+    def __call__(self, step: int, values: Mapping[str, float]) -> list[Event]:
+        new: list[Event] = []
+        for det in list(self.detectors):
+            try:
+                evs = det.update(step, values)
+            except Exception as exc:  # a detector failure must never stop training
+                self.detectors.remove(det)
+                self.disabled[det.name] = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"seismo: detector '{det.name}' is off: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+                continue
+            for e in evs:
+                if not e.advice:
+                    mit = mitigations_for(e.kind)
+                    e.advice = mit[0].advice() if mit else ""
+            new.extend(evs)
+        if new:
+            self.events.extend(new)
+            for sink in list(self.sinks):
+                try:
+                    sink(new)
+                except Exception as exc:
+                    self.sinks.remove(sink)
+                    warnings.warn(f"seismo: event sink is off: {exc!r}", RuntimeWarning, stacklevel=2)
+        return new
+
+    def state_dict(self) -> dict:
+        return {d.name: d.state_dict() for d in self.detectors}
+
+    def load_state_dict(self, state: dict) -> None:
+        for d in self.detectors:
+            if d.name in state:
+                d.load_state_dict(state[d.name])
+
+
+class AlertPrinter:
+    """Print events as they come without flooding: at most one line per (kind, module) every
+    ``quiet_steps`` steps, and a count of what was held back."""
+
+    def __init__(self, console=None, quiet_steps: int = 200, min_severity: str = "warning"):
+        if console is None:
+            from rich.console import Console
+
+            console = Console(stderr=True, highlight=False)
+        self.console = console
+        self.quiet_steps = quiet_steps
+        self.min_rank = {"info": 0, "warning": 1, "critical": 2}[min_severity]
+        self.last: dict[tuple[str, str], int] = {}
+        self.held: dict[tuple[str, str], int] = defaultdict(int)
+
+    def __call__(self, events: list[Event]) -> None:
+        for e in events:
+            if {"info": 0, "warning": 1, "critical": 2}[e.severity] < self.min_rank:
+                continue
+            key = (e.kind, e.module)
+            if key in self.last and e.step - self.last[key] < self.quiet_steps and e.severity != "critical":
+                self.held[key] += 1
+                continue
+            more = self.held.pop(key, 0)
+            color = "red" if e.severity == "critical" else "yellow"
+            extra = f" (+{more} similar)" if more else ""
+            self.console.print(f"[{color}]seismo {e.severity} at step {e.step}: {e.kind}[/{color}] {e.message}{extra}")
+            if e.advice:
+                self.console.print(f"    try: {e.advice}")
+            self.last[key] = e.step
+
+
+@dataclass
+class Diagnosis:
+    """The readable answer for a run: events, modules involved, likely cause, what to change."""
+
+    run: str
+    events: list[Event]
+    cause_kind: str | None
+    cause: str
+    first_step: int | None
+    modules: dict[str, int]
+    recommendations: list[dict[str, str]]
+    signals_seen: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run, "cause_kind": self.cause_kind, "cause": self.cause, "first_step": self.first_step,
+            "modules": self.modules, "recommendations": self.recommendations,
+            "events": [e.to_dict() for e in self.events], "signals_seen": self.signals_seen,
+        }
+
+
+def _records(history: Mapping[str, tuple[Sequence[int], Sequence[float]]]) -> list[tuple[int, dict[str, float]]]:
+    by_step: dict[int, dict[str, float]] = defaultdict(dict)
+    for name, (steps, vals) in history.items():
+        for s, v in zip(np.asarray(steps).tolist(), np.asarray(vals, dtype=np.float64).tolist()):
+            by_step[int(s)][name] = v
+    return sorted(by_step.items())
+
+
+def diagnose_history(history: Mapping[str, tuple[Sequence[int], Sequence[float]]], run: str = "run",
+                     detectors: Sequence[Detector] | None = None) -> Diagnosis:
+    """Replay a run's signals (``{name: (steps, values)}``) through the detectors, in step order."""
+    diag = Diagnoser(detectors)
+    for step, values in _records(history):
+        diag(step, values)
+    return summarize(diag.events, run, sorted(history))
+
+
+def summarize(events: list[Event], run: str, signals: list[str] | None = None) -> Diagnosis:
+    modules: dict[str, int] = defaultdict(int)
+    for e in events:
+        if e.module:
+            modules[e.module] += 1
+    kinds = {e.kind for e in events if e.severity in ("warning", "critical")}
+    cause_kind = next((k for k in PRIORITY if k in kinds), None)
+    first = min((e.step for e in events if e.kind == cause_kind), default=None)
+    if cause_kind is None:
+        cause = "no instability detected"
+    else:
+        cause = CAUSES[cause_kind] + (f", first seen at step {first}" if first is not None else "")
+    recs: list[dict[str, str]] = []
+    seen = set()
+    for kind in [k for k in PRIORITY if k in kinds]:
+        for m in mitigations_for(kind):
+            if m.name in seen:
+                continue
+            seen.add(m.name)
+            recs.append({"for": kind, "name": m.name, "how": m.how, "call": m.call, "paper": m.paper})
+    return Diagnosis(run, events, cause_kind, cause, first, dict(sorted(modules.items(), key=lambda kv: -kv[1])), recs, signals or [])
+
+
+def diagnose_run(store_path: str, run: str | int, replay: bool = True) -> Diagnosis:
+    """Diagnose a stored run. With ``replay`` the stored signals are run through today's
+    detectors; otherwise the events stored during the run are used."""
+    from seismo.report.store import load_run
+
+    data = load_run(store_path, run)
+    label = f"{data.info.name} (id {data.info.run_id})"
+    if replay:
+        return diagnose_history(data.metrics, label)
+    events = [Event(e["kind"], e.get("severity") or "warning", int(e.get("step") or 0), e.get("module") or "",
+                    e.get("message") or "", e.get("evidence") or {}, e.get("advice") or "") for e in data.events]
+    return summarize(events, label, sorted(data.metrics))

@@ -1,0 +1,107 @@
+"""The playbook, as data: for each event kind, ranked mitigations with the paper behind them.
+
+Each :class:`Mitigation` names a concrete call (``call``) that exists in seismo (a test imports
+every one of them) or a plain configuration change, and the evidence for it (``paper``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Mitigation", "PLAYBOOK", "mitigations_for", "CAUSES", "PRIORITY"]
+
+
+@dataclass(frozen=True)
+class Mitigation:
+    name: str
+    how: str  # what to change, in one sentence
+    call: str  # the seismo symbol that implements it ("" for a plain setting)
+    paper: str
+
+    def advice(self) -> str:
+        return f"{self.name}: {self.how}" + (f" (`{self.call}`)" if self.call else "") + f" [{self.paper}]"
+
+
+WORTSMAN = "Wortsman et al. 2023, arXiv 2309.14322"
+ZHAI = "Zhai et al. 2023, arXiv 2303.06296"
+PRIETO = "Prieto et al. 2025, arXiv 2501.04697"
+PALM = "Chowdhery et al. 2022 (PaLM), arXiv 2204.02311"
+MOLYBOG = "Molybog et al. 2023, arXiv 2304.09871"
+GILMER = "Gilmer et al. 2022, arXiv 2110.04369"
+LI = "Li, Zhang & He 2022, arXiv 2108.06084"
+PERILN = "Kim et al. 2025 (Peri-LN), arXiv 2502.02732"
+SWIN = "Liu et al. 2022 (Swin V2), arXiv 2111.09883"
+
+QKNORM = Mitigation("qk-layernorm", "LayerNorm on queries and keys per head before the dot product",
+                    "seismo.mitigate.QKNorm", WORTSMAN + "; Dehghani et al. 2023, arXiv 2302.05442")
+SIGMA = Mitigation("sigmaReparam", "reparametrize every linear layer as gamma / sigma(W) * W",
+                   "seismo.mitigate.apply_sigma_reparam", ZHAI)
+COSINE = Mitigation("scaled cosine attention", "bound attention logits by a learnable per-head scale (<= 100)",
+                    "seismo.proxy.GPTConfig", SWIN)
+LOWER_LR = Mitigation("lower the learning rate", "divide the peak learning rate by 2-4", "", WORTSMAN)
+WARMUP = Mitigation("longer warm-up", "lengthen the linear lr warm-up (e.g. 5% of training)",
+                    "seismo.mitigate.schedules.warmup_cosine", GILMER + "; " + WORTSMAN)
+ZLOSS = Mitigation("z-loss", "add 1e-4 * (log Z)^2 to the loss", "seismo.mitigate.z_loss", PALM + "; " + WORTSMAN)
+WD = Mitigation("weight decay", "use (independent) weight decay, e.g. lambda = 1e-4 with weight_decay = lambda / lr",
+                "seismo.mitigate.param_groups.independent_weight_decay", WORTSMAN)
+CLIP = Mitigation("gradient clipping", "clip the global gradient norm (e.g. at 1.0)", "torch.nn.utils.clip_grad_norm_", WORTSMAN)
+ROLLBACK = Mitigation("roll back and skip data", "restart from a checkpoint ~100 steps before the spike and skip 200-500 batches",
+                      "", PALM)
+SMALL_EPS = Mitigation("smaller Adam eps", "lower AdamW eps to 1e-15 so updates keep their size when gradients are tiny", "", WORTSMAN)
+SLW = Mitigation("sequence-length warm-up", "start training on short sequences and grow them (DeepSpeed rule)",
+                 "seismo.mitigate.schedules.seqlen_warmup", LI)
+STABLEMAX = Mitigation("StableMax", "replace softmax in the loss with StableMax", "seismo.mitigate.stablemax_cross_entropy", PRIETO)
+PERIGRAD = Mitigation("perpendicular gradients", "remove the gradient component along the weights (the naive-loss-minimisation direction)",
+                      "", PRIETO)
+FP64 = Mitigation("higher softmax precision", "compute the output softmax / loss in float64", "", PRIETO)
+PERI = Mitigation("Peri-LN", "normalise each branch's input and output (not the residual stream)", "seismo.proxy.GPTConfig", PERILN)
+RESPOST = Mitigation("residual post-norm", "LayerNorm on each residual branch's output", "seismo.proxy.GPTConfig", SWIN)
+SMALL_BATCH = Mitigation("smaller batch", "use a smaller batch (noisier, less time-correlated gradients)", "", MOLYBOG)
+CHECK_DATA = Mitigation("check the batch", "look for corrupt or extreme samples in the offending batches", "", PALM)
+RAISE_LR = Mitigation("check the schedule", "the learning rate or the update size may have decayed to nothing; raise it or shorten the decay", "", WORTSMAN)
+
+PLAYBOOK: dict[str, list[Mitigation]] = {
+    "attention_logit_growth": [QKNORM, SIGMA, LOWER_LR, COSINE, WARMUP],
+    "attention_entropy_collapse": [SIGMA, QKNORM, LOWER_LR, WARMUP],
+    "output_logit_divergence": [ZLOSS, WD, LOWER_LR],
+    "loss_spike": [ROLLBACK, CLIP, LOWER_LR, WARMUP],
+    "loss_divergence": [ROLLBACK, LOWER_LR, QKNORM, ZLOSS],
+    "grad_spike": [CLIP, ROLLBACK, LOWER_LR],
+    "nonfinite": [ROLLBACK, LOWER_LR, CHECK_DATA],
+    "edge_of_stability": [WARMUP, LOWER_LR],
+    "adam_decorrelation": [LOWER_LR, SMALL_EPS, SMALL_BATCH, ROLLBACK],
+    "epsilon_regime": [SMALL_EPS],
+    "softmax_collapse": [STABLEMAX, PERIGRAD, WD, FP64],
+    "gradient_variance_extreme": [SLW, CLIP, LOWER_LR],
+    "activation_growth": [PERI, RESPOST, LOWER_LR],
+    "stall": [RAISE_LR, SMALL_EPS],
+}
+
+#: A plain-language cause per kind, used by ``seismo diagnose``.
+CAUSES: dict[str, str] = {
+    "attention_logit_growth": "attention logits grew without bound, so softmax attention saturated to one-hot (Wortsman 2023 §3.1)",
+    "attention_entropy_collapse": "attention entropy collapsed: each query attends to a single key (Zhai 2023)",
+    "output_logit_divergence": "the output logits drifted so far that log Z left the stable range (Wortsman 2023 §3.2)",
+    "loss_spike": "the loss spiked",
+    "loss_divergence": "the loss left its baseline and did not come back",
+    "grad_spike": "the gradient norm spiked",
+    "nonfinite": "NaN/Inf appeared in the loss or gradients",
+    "edge_of_stability": "the loss sharpness exceeded what the learning rate tolerates (Cohen 2021; Gilmer 2022)",
+    "adam_decorrelation": "Adam's update decorrelated from the gradient (time-correlated gradients; Molybog 2023)",
+    "epsilon_regime": "gradients shrank to Adam's eps scale, so updates shrink (Wortsman 2023 §3.5)",
+    "softmax_collapse": "the output softmax collapsed numerically: losses and gradients of confident rows are exactly 0 (Prieto 2025)",
+    "gradient_variance_extreme": "Adam's gradient-variance estimate hit an extreme value (Li 2022)",
+    "activation_growth": "residual-stream activations grew by orders of magnitude (massive activations)",
+    "stall": "training stalled: the loss is flat while the updates vanished",
+}
+
+#: Root-cause priority when several kinds fire: upstream mechanisms first, symptoms last.
+PRIORITY = [
+    "attention_logit_growth", "attention_entropy_collapse", "output_logit_divergence", "softmax_collapse",
+    "adam_decorrelation", "epsilon_regime", "edge_of_stability", "gradient_variance_extreme", "activation_growth",
+    "grad_spike", "nonfinite", "loss_divergence", "loss_spike", "stall",
+]
+
+
+def mitigations_for(kind: str) -> list[Mitigation]:
+    return list(PLAYBOOK.get(kind, []))

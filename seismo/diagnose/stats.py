@@ -1,0 +1,116 @@
+"""Streaming statistics the detectors share: a robust window and an online trend fit."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+
+__all__ = ["RobustWindow", "TrendFit"]
+
+
+class RobustWindow:
+    """Median and MAD over the last ``size`` *accepted* values.
+
+    Values flagged as outliers are not added (``add`` is the caller's decision), so one spike does
+    not widen the band for the next ``size`` steps: the flaw PEERS.md notes in OLMo-core's rule.
+    """
+
+    def __init__(self, size: int = 128):
+        if size < 4:
+            raise ValueError("RobustWindow size must be >= 4")
+        self.size = size
+        self.values: deque[float] = deque(maxlen=size)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def add(self, x: float) -> None:
+        if math.isfinite(x):
+            self.values.append(float(x))
+
+    def median_mad(self) -> tuple[float, float]:
+        a = np.fromiter(self.values, dtype=np.float64)
+        med = float(np.median(a))
+        mad = float(np.median(np.abs(a - med)))
+        return med, mad
+
+    def level_and_noise(self, recent: int = 16) -> tuple[float, float]:
+        """(level, noise): the median of the last ``recent`` values, and the noise scale
+        1.4826 * MAD(first differences) / sqrt(2) over the whole window. Differencing removes a
+        slow trend (a decaying loss), which would otherwise inflate the MAD and hide spikes."""
+        a = np.fromiter(self.values, dtype=np.float64)
+        level = float(np.median(a[-recent:]))
+        if len(a) < 3:
+            return level, 0.0
+        d = np.diff(a)
+        noise = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0)
+        return level, noise
+
+    def zscore(self, x: float, floor_rel: float = 1e-3) -> float:
+        """Robust z-score of ``x``: (x - median) / (1.4826 MAD), with the scale floored at
+        ``floor_rel * |median|`` so a perfectly flat history does not make every wiggle a spike."""
+        med, mad = self.median_mad()
+        scale = max(1.4826 * mad, floor_rel * abs(med), 1e-12)
+        return (x - med) / scale
+
+    def state_dict(self) -> dict:
+        return {"size": self.size, "values": list(self.values)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.size = int(state["size"])
+        self.values = deque(state["values"], maxlen=self.size)
+
+
+class TrendFit:
+    """Least-squares line through the last ``window`` (step, log value) points.
+
+    ``crossing(threshold)`` extrapolates the fitted exponential growth and returns the step at
+    which the value is predicted to reach ``threshold`` (None if it is not growing). Growth-type
+    instabilities (attention logits, log Z, activations, sharpness) grow roughly exponentially
+    before they fail, so a log-linear fit gives a lead time before the threshold is crossed.
+    """
+
+    def __init__(self, window: int = 30, log: bool = True):
+        self.window = window
+        self.log = log
+        self.points: deque[tuple[int, float]] = deque(maxlen=window)
+
+    def add(self, step: int, value: float) -> None:
+        if math.isfinite(value) and (not self.log or value > 0):
+            self.points.append((step, math.log(value) if self.log else value))
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def slope_intercept(self) -> tuple[float, float, float]:
+        """(slope per step, intercept, r^2) of the fit; slope 0 when there are < 3 points."""
+        if len(self.points) < 3:
+            return 0.0, 0.0, 0.0
+        s = np.array([p[0] for p in self.points], dtype=np.float64)
+        y = np.array([p[1] for p in self.points], dtype=np.float64)
+        sm, ym = s.mean(), y.mean()
+        var = ((s - sm) ** 2).sum()
+        if var == 0:
+            return 0.0, ym, 0.0
+        slope = ((s - sm) * (y - ym)).sum() / var
+        intercept = ym - slope * sm
+        resid = y - (slope * s + intercept)
+        tot = ((y - ym) ** 2).sum()
+        r2 = 1.0 - (resid**2).sum() / tot if tot > 0 else 0.0
+        return float(slope), float(intercept), float(r2)
+
+    def crossing(self, threshold: float) -> float | None:
+        slope, intercept, _ = self.slope_intercept()
+        if slope <= 0:
+            return None
+        target = math.log(threshold) if self.log else threshold
+        return (target - intercept) / slope
+
+    def state_dict(self) -> dict:
+        return {"window": self.window, "log": self.log, "points": [list(p) for p in self.points]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window, self.log = int(state["window"]), bool(state["log"])
+        self.points = deque((tuple(p) for p in state["points"]), maxlen=self.window)
