@@ -216,6 +216,88 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from seismo.proxy.config import apply_overrides  # noqa: F401  (typed overrides inside expand)
+    from seismo.proxy.sweep import expand, load_sweep_file, load_sweep_results, run_sweep, summarize_sweep
+    from seismo.proxy.sweep_presets import get_sweep_preset
+
+    console = _console()
+    if args.sweep.endswith(".toml"):
+        sweep = load_sweep_file(args.sweep)
+    else:
+        sweep = get_sweep_preset(args.sweep, quick=args.quick)
+    sweep.overrides = list(sweep.overrides) + list(args.set or [])
+    if args.workers is not None and args.workers < 1:
+        raise CLIError(f"--workers: must be >= 1, got {args.workers}")
+    store_path = Path(args.out) / "seismo.sqlite"
+    trials = expand(sweep)  # validates every trial's config before anything runs
+    console.print(f"[bold]sweep {sweep.name}[/bold]: {len(trials)} trials "
+                  f"({len(sweep.interventions)} interventions x {len(sweep.sizes)} sizes x {len(sweep.lrs)} lrs x {len(sweep.seeds)} seeds), "
+                  f"backend {args.backend}, store {store_path}")
+    with Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[running]} running"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task("sweep", total=len(trials), running=0)
+
+        def on_progress(done, total, running, trial):
+            progress.update(task, completed=done, running=running)
+
+        run_sweep(sweep, store_path, workers=args.workers, backend=args.backend, ray_address=args.ray_address, on_progress=on_progress)
+    rows = load_sweep_results(store_path, sweep.name)
+    summary = summarize_sweep(rows, sweep.name)
+    table = Table(title=f"{sweep.name}: LR sensitivity (Wortsman et al. 2023) per intervention and size")
+    for col in ("intervention", "size", "params", "LR sensitivity", "best lr", "diverged", f"max attn logit @ lr {max(sweep.lrs):g}"):
+        table.add_column(col, justify="left" if col in ("intervention", "size") else "right")
+    top = max(sweep.lrs)
+    for (iv, size), sens in sorted(summary.sensitivity.items(), key=lambda kv: (kv[0][0], summary.n_params.get(kv[0][1], 0))):
+        logits = [r["max_attn_logit"] for r in rows if r["intervention"] == iv and r["size"] == size and r["lr"] == top]
+        table.add_row(iv, size, f"{summary.n_params.get(size, 0):.3g}", f"{sens:.3f}", f"{summary.best_lr[(iv, size)]:g}",
+                      f"{summary.divergence[(iv, size)]:.0%}", _fmt(max(logits), 1) if logits else "n/a")
+    console.print(table)
+    if args.predict:
+        _print_prediction(console, summary, args.predict)
+    try:
+        from seismo.report.sweep_plots import plot_sweep
+
+        paths = plot_sweep(summary, Path(args.out) / f"sweep-{sweep.name}")
+        console.print("Plots:\n" + "\n".join(f"  {p}" for p in paths))
+    except ImportError as exc:
+        console.print(f"Plots skipped: {exc}")
+    return 0
+
+
+def _print_prediction(console, summary, target: str) -> None:
+    from seismo.proxy.measures import predict_unstable_lrs
+
+    threshold = 1e3  # the attention_logit_growth detector's failure threshold
+    base = sorted({r["intervention"] for r in summary.rows})[0]
+    base = "baseline" if any(r["intervention"] == "baseline" for r in summary.rows) else base
+    sized = [r for r in summary.rows if r["intervention"] == base and r["size"] == target and r.get("n_params")]
+    if sized:
+        n_target = float(sized[0]["n_params"])
+    else:
+        try:
+            n_target = float(target)
+        except ValueError:
+            raise CLIError(f"--predict: {target!r} is neither a size of this sweep ({', '.join(summary.n_params)}) nor a parameter count") from None
+    table: dict[float, dict[float, float]] = {}
+    for r in summary.rows:
+        if r["intervention"] == base and r.get("n_params") and math.isfinite(r.get("max_attn_logit", math.nan)):
+            table.setdefault(float(r["lr"]), {})[float(r["n_params"])] = float(r["max_attn_logit"])
+    pred = predict_unstable_lrs(table, n_target, threshold)
+    if not pred:
+        raise CLIError(f"--predict: need at least two sizes smaller than {target} in the sweep to fit a trend")
+    console.print(f"\nPrediction for {target} ({n_target:.3g} params, {base}) from smaller sizes: max attention logit by power-law fit in size")
+    for lr, (p, unstable) in pred.items():
+        observed = table.get(lr, {}).get(n_target)
+        obs = f"observed {_fmt(observed, 1)} ({'unstable' if observed >= threshold else 'stable'})" if observed is not None else "not run"
+        console.print(f"  lr {lr:g}: predicted {_fmt(p, 1)} -> {'UNSTABLE' if unstable else 'stable'}; {obs}")
+    first = next((lr for lr, (_, u) in pred.items() if u), None)
+    console.print(f"  predicted lowest unstable lr: {first:g}" if first is not None else "  no lr predicted unstable")
+
+
 def cmd_presets(args) -> int:
     from seismo.proxy.presets import PRESETS
 
@@ -255,6 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--stored-events", action="store_true", help="use the events recorded during the run instead of replaying the signals")
     dg.add_argument("--max-events", type=int, default=20)
     dg.set_defaults(fn=cmd_diagnose)
+
+    sw = sub.add_parser("sweep", help="lr x size x intervention sweep with LR sensitivity (resumable)")
+    sw.add_argument("sweep", help="a sweep preset name (qk_layernorm, z_loss, warmup, independent_wd, mup, sigma_reparam, seqlen_warmup) or a .toml file")
+    sw.add_argument("--quick", action="store_true", help="the preset's small variant (about 2 minutes)")
+    sw.add_argument("--workers", type=int, default=None, help="parallel trials (default: number of cores)")
+    sw.add_argument("--backend", choices=("local", "ray"), default="local")
+    sw.add_argument("--ray-address", default=None, help="connect to an existing Ray cluster (default: start a local one)")
+    sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override every trial's config")
+    sw.add_argument("--predict", metavar="SIZE", help="predict from smaller sizes whether SIZE (a size name or parameter count) becomes unstable")
+    sw.add_argument("--out", default=DEFAULT_RUNS_DIR)
+    sw.set_defaults(fn=cmd_sweep)
 
     ps = sub.add_parser("presets", help="list training presets")
     ps.set_defaults(fn=cmd_presets)

@@ -523,6 +523,39 @@ class RunStore:
             )
             return int(cursor.lastrowid)
 
+    def record_run(
+        self,
+        name: str,
+        config: dict | None = None,
+        meta: dict | None = None,
+        status: str = "completed",
+        metrics: Iterable[tuple[int, str, float]] = (),
+        events: Iterable[dict] = (),
+    ) -> int:
+        """Insert a finished run with all its metrics and events in ONE transaction.
+
+        Used by sweeps: a killed driver leaves either the whole trial or nothing, so a resumed
+        sweep never sees a half-written trial.
+        """
+        if not isinstance(name, str) or not name:
+            raise StoreError(f"run name must be a non-empty str, got {name!r}")
+        with self._write("record_run") as conn:
+            cursor = conn.execute(
+                "INSERT INTO runs (name, created_at, status, config_json, meta_json) VALUES (?, ?, ?, ?, ?)",
+                (name, _utc_now_iso(), str(status), _dump_object(config, "config"), _dump_object(meta, "meta")),
+            )
+            run_id = int(cursor.lastrowid)
+            conn.executemany(
+                "INSERT INTO metrics (run_id, step, name, value) VALUES (?, ?, ?, ?)",
+                _metric_rows(run_id, metrics),
+            )
+            conn.executemany(
+                "INSERT INTO events (run_id, step, kind, severity, module, message, "
+                "evidence_json, advice) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                _event_rows(run_id, events),
+            )
+            return run_id
+
     def set_status(self, run_id: int, status: str) -> None:
         """Set a run's status (e.g. ``"finished"``, ``"failed"``)."""
         with self._write("set_status") as conn:
