@@ -29,13 +29,16 @@ from seismo.proxy.model import ConfigError, GPTConfig, TinyGPT
 __all__ = ["OptimConfig", "SeqlenWarmupConfig", "TrainConfig", "RunResult", "train", "save_checkpoint", "load_checkpoint"]
 
 DECAYS = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "sgd", "spam", "stable_spam")
 
 
 @dataclass
 class OptimConfig:
     """AdamW and its schedule. ``weight_decay`` is lambda; with ``independent_wd`` torch gets lambda / lr."""
 
+    name: str = "adamw"  # adamw | sgd | spam | stable_spam
     lr: float = 1e-2
+    momentum: float = 0.0  # sgd only
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -47,6 +50,10 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
 
     def validate(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optim.name: must be one of {OPTIMIZERS}, got {self.name!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"optim.momentum: must be in [0, 1), got {self.momentum}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"optim.lr: must be a positive number, got {self.lr!r}")
         for f in ("beta1", "beta2"):
@@ -81,6 +88,19 @@ class SeqlenWarmupConfig:
 
 
 @dataclass
+class SpikeInjection:
+    """Multiply every gradient by ``factor`` after the backward pass of the listed steps (before
+    clipping): the injected-spike experiments of SPAM (Huang et al. 2025, arXiv 2501.06842)."""
+
+    steps: list[int] = field(default_factory=list)
+    factor: float = 1000.0
+
+    def validate(self) -> None:
+        if any((not isinstance(s, int)) or s < 0 for s in self.steps):
+            raise ConfigError(f"spikes.steps: must be a list of step numbers >= 0, got {self.steps!r}")
+
+
+@dataclass
 class TrainConfig:
     """Everything one proxy run needs. Presets (:mod:`seismo.proxy.presets`) return these."""
 
@@ -88,6 +108,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     seqlen_warmup: SeqlenWarmupConfig = field(default_factory=SeqlenWarmupConfig)
+    spikes: SpikeInjection = field(default_factory=SpikeInjection)
     z_loss: float = 0.0
     steps: int = 600
     batch_size: int = 32  # 0 = full batch (modular data)
@@ -111,6 +132,7 @@ class TrainConfig:
         self.data.validate()
         self.optim.validate()
         self.seqlen_warmup.validate()
+        self.spikes.validate()
         if not isinstance(self.batch_size, int) or self.batch_size < 0 or (self.batch_size == 0 and self.data.source != "modular"):
             raise ConfigError(f"batch_size: must be a positive integer (0 = full batch, modular data only), got {self.batch_size!r}")
         for f in ("steps", "eval_batches", "log_every"):
@@ -182,12 +204,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def build_optimizer(model: TinyGPT, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: TinyGPT, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.name`` over weight-decay (or muP) parameter groups."""
     wd = independent_weight_decay(cfg.weight_decay, cfg.lr) if cfg.independent_wd else cfg.weight_decay
     if model.config.parametrization == "mup":
         groups = mup_param_groups(model, wd, model.config.width_mult)
     else:
         groups = decay_groups(model, wd)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.name in ("spam", "stable_spam"):
+        from seismo.mitigate import optimizers
+
+        factory = optimizers.spam if cfg.name == "spam" else optimizers.stable_spam
+        return factory(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
@@ -261,6 +291,7 @@ def train(
 
     status, diverged_at = "completed", None
     slw = cfg.seqlen_warmup
+    spike_steps = set(cfg.spikes.steps)
     slw_steps = slw.steps or max(1, cfg.optim.warmup_steps)
     model.train()
     step = start
@@ -277,6 +308,8 @@ def train(
         logits, loss = model(x, y)
         total = loss + z_loss(logits, cfg.z_loss, ignore_mask=(y == -1)) if cfg.z_loss > 0 else loss
         optimizer.zero_grad(set_to_none=True)
+        if step in spike_steps:
+            total = total * cfg.spikes.factor  # every gradient x factor, seen by the monitor like a real spike
         total.backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
