@@ -329,6 +329,7 @@ def train(
             if on_log is not None:
                 info = dict(loss=float(window[-1]), lr=lr, seq_len=cur_len)
                 if monitor is not None:
+                    monitor.flush()  # no-op when the flush interval just fired
                     info["attn_logit_max"] = monitor.latest("attn/logit_max/")
                     info["logz_mean"] = monitor.latest("logits/logz_mean")
                 on_log(step, info)
