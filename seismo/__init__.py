@@ -1,6 +1,7 @@
 """seismo: make neural-network training instabilities visible, explainable and fixable."""
 
+from seismo.mitigate.guard import Guard, GuardConfig, GuardGaveUp
 from seismo.monitor import Monitor
 
 __version__ = "0.1.0"
-__all__ = ["Monitor", "__version__"]
+__all__ = ["Monitor", "Guard", "GuardConfig", "GuardGaveUp", "__version__"]

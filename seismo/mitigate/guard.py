@@ -96,7 +96,7 @@ __all__ = [
 POLICIES = ("skip", "rollback")
 SKIP_MODES = ("auto", "fused", "mask", "sync")
 #: Event kinds the Guard writes (public API, like the detectors' ``KINDS``).
-GUARD_KINDS = ("guard_skip", "guard_rollback", "guard_gave_up")
+GUARD_KINDS = ("guard_skip", "guard_reset", "guard_rollback", "guard_gave_up")
 #: Why a step was skipped, in the order of the flag vector.
 REASONS = ("nonfinite_loss", "nonfinite_grad", "loss_spike", "grad_spike")
 _REASON_TEXT = {
@@ -109,7 +109,8 @@ TRACKER_NAME = "guard_tracker.json"
 _TRACKER_FORMAT = "seismo.guard.tracker/1"
 _CKPT_FORMAT = "seismo.guard.checkpoint/1"
 _SNAPSHOT_RE = re.compile(r"^guard-step(\d+)-e(\d+)\.pt$")
-_STAT_KEYS = ("skipped_steps", "rollbacks", "skipped_batches", "recovered_spikes", "checkpoints", "disk_snapshots")
+_STAT_KEYS = ("skipped_steps", "rollbacks", "skipped_batches", "recovered_spikes", "window_resets", "checkpoints",
+              "disk_snapshots")
 # per-step record: flags (4, REASONS order) | loss, grad_norm | their window medians | their z-scores
 _N_FLAGS = len(REASONS)
 
@@ -150,7 +151,7 @@ class GuardConfig:
     z: float = 6.0
     warmup: int = 20
     loss_min_jump: float = 0.05
-    grad_min_jump: float = 0.5
+    grad_min_jump: float = 1.0
     watch_loss: bool = True
     watch_grad_norm: bool = True
     # escalation: when a spike "does not recover"
@@ -273,6 +274,12 @@ class _SpikeWindow:
         cur = self.buf.index_select(1, pos).squeeze(1)
         self.buf.index_copy_(1, pos, torch.where(ok, vals, cur).unsqueeze(1))
         self.count += ok.long()
+
+    def reset(self) -> None:
+        """Forget every value (warm-up starts again)."""
+        if self.buf is not None:
+            self.buf.fill_(float("nan"))
+            self.count.zero_()
 
     def state_dict(self) -> dict | None:
         if self.buf is None:
@@ -644,10 +651,10 @@ class Guard:
 
         if self._mode is None:
             self._mode = self._resolve_mode(device)
-        synced = False
+        urgent = False  # the host saw a skip: do the bookkeeping now
         if self._mode == "sync" or not self._state_initialised(with_grad, len(params)):
-            synced = True
-            if not bool(skip):
+            urgent = bool(skip)
+            if not urgent:
                 self._optimizer_step()
         elif self._mode == "fused":
             opt.found_inf = skip.to(torch.float32)
@@ -656,14 +663,14 @@ class Guard:
             finally:
                 del opt.found_inf
         else:
-            synced = self._mask_step(skip, device)
+            urgent = self._mask_step(skip, device)
         if cfg.zero_grad:
             opt.zero_grad(set_to_none=True)
 
         self._pending.append((self._step, self.data_index, torch.cat([flags, vals, med, z])))
         self._step += 1
         self._iteration += 1
-        if synced or self._step % cfg.sync_every == 0 or self._step % cfg.interval == 0:
+        if urgent or self._step % cfg.sync_every == 0 or self._step % cfg.interval == 0:
             self.flush()
         self._boundary()
         return skip
@@ -833,7 +840,7 @@ class Guard:
         return {"live": live, "saved": [torch.empty_like(x) for x in live], "n_state": len(state)}
 
     def _mask_step(self, skip: Tensor, device: torch.device) -> bool:
-        """Snapshot, step, select. Returns True if it had to decide on the host instead."""
+        """Snapshot, step, select. Returns True if it fell back to the host and saw a skip."""
         m = self._mask
         if isinstance(m, dict) and m["n_state"] != len(self.optimizer.state):
             m = None
@@ -843,9 +850,10 @@ class Guard:
             self._warn_once("mask", f"seismo Guard: skip_mode 'mask' cannot be exact here ({m}); "
                                     "deciding skips on the host instead (one sync per step)")
             self._mode = "sync"
-            if not bool(skip):
-                self._optimizer_step()
-            return True
+            if bool(skip):
+                return True
+            self._optimizer_step()
+            return False
         torch._foreach_copy_(m["saved"], m["live"])
         self._optimizer_step()
         for x, s in zip(m["live"], m["saved"]):
@@ -873,11 +881,13 @@ class Guard:
             return None
         if ep is None:
             ep = self._episode = {"start": t, "data_index": d, "last": t, "consecutive": 0, "skips": 0,
-                                  "reasons": [], "row": row}
+                                  "reasons": [], "row": row, "first": {}}
         ep["consecutive"] += 1
         ep["skips"] += 1
         ep["last"] = t
         ep["reasons"] = sorted(set(ep["reasons"]) | set(reasons), key=REASONS.index)
+        for r in reasons:
+            ep["first"].setdefault(r, row)  # the numbers of each signal's first flagged step
         if ep["consecutive"] >= cfg.max_consecutive_skips or t - ep["start"] >= cfg.recovery_steps:
             return (t, d, row, dict(ep))
         return None
@@ -889,12 +899,27 @@ class Guard:
                      ev, "a lone skipped spike is harmless; repeated ones mean the run is unstable (see seismo diagnose)")
 
     def _escalate(self, t: int, d: int, row: list[float], ep: dict) -> None:
+        """A spike did not recover. Skipping more cannot help: the cause is the parameter state,
+        not a batch (skipped steps freeze the parameters). A lasting grad-norm-only excursion is
+        accepted (Adam normalises the update; the loss is fine): the window restarts. A lasting
+        loss excursion is rolled back (policy ``rollback``) or accepted (policy ``skip``). A lasting
+        non-finite loss or gradient is rolled back or, under ``skip``, ends the run."""
         cfg = self.config
         how = (f"{ep['consecutive']} consecutive skipped steps" if ep["consecutive"] >= cfg.max_consecutive_skips
                else f"skips still coming {t - ep['start']} steps after the first")
+        nonfinite = {"nonfinite_loss", "nonfinite_grad"} & set(ep["reasons"])
+        if not set(ep["reasons"]) - {"grad_spike"}:
+            self._reset_window(t, ep, how, "a lasting change of the gradient norm with a healthy loss is not a bad batch")
+            return
         if cfg.policy == "skip":
+            if not nonfinite:
+                self._reset_window(t, ep, how, "policy 'skip' cannot undo a lasting loss excursion (policy='rollback' "
+                                               "restores a checkpoint and skips the data)")
+                return
             self._give_up(t, d, row, ep, f"the spike did not recover ({how}); policy 'skip' does not roll back "
                                          "(policy='rollback' restores a checkpoint and skips the data)")
+        if self._writer is not None:
+            self._writer.drain()  # no snapshot is being written or pruned while we pick one
         recent = [r for r in self._rollbacks if r["detected_data_index"] > d - cfg.retry_window]
         if len(recent) >= cfg.max_rollbacks:
             self._give_up(t, d, row, ep, f"the spike did not recover ({how}) after {len(recent)} rollback(s) within "
@@ -905,25 +930,39 @@ class Guard:
                                          f"{ep['start']} is left (ring_size={cfg.ring_size}, interval={cfg.interval})")
         self._rollback(t, d, ep, ck, how)
 
+    def _reset_window(self, t: int, ep: dict, how: str, why: str) -> None:
+        self._window.reset()
+        self._episode = None
+        self._stats["window_resets"] += 1
+        msg = (f"{self._describe_episode(ep)} from step {ep['start']} (data index {ep['data_index']}) "
+               f"did not recover ({how}); {why}: updates go on and the spike window restarts "
+               f"(no detection for {self.config.warmup} steps)")
+        ev: dict[str, Any] = {k: _finite_or_str(v) for k, v in self._evidence(ep["row"]).items()}
+        ev.update(spike_step=ep["start"], spike_data_index=ep["data_index"], detected_step=t, reasons=list(ep["reasons"]),
+                  skipped_steps=ep["skips"], why=how)
+        self._emit([Event("guard_reset", "warning", t, "", msg, ev,
+                          "watch the next steps; if the loss follows, lower the learning rate")])
+
     def _find_checkpoint(self, latest: int, spike_start: int) -> dict | None:
         """The newest checkpoint at or before step ``latest`` (ring first, then valid snapshots on
         disk); failing that, the oldest one at or before the spike, with a warning."""
         cands: list[tuple[int, Any]] = [(c["step"], c) for c in self._ring]
         ring_steps = {s for s, _ in cands}
         cands += [(s, p) for s, _, p in self._valid_snapshots() if s not in ring_steps]
-        good = [c for c in cands if c[0] <= latest]
-        if good:
-            step, ck = max(good, key=lambda c: c[0])
-        else:
-            early = [c for c in cands if c[0] <= spike_start]
-            if not early:
-                return None
-            step, ck = min(early, key=lambda c: c[0])
-            self._warn_once(f"rewind:{step}", f"seismo Guard: no checkpoint {self.config.rewind} steps before the "
-                                              f"spike at step {spike_start}; restoring step {step} instead")
-        if not isinstance(ck, dict):
-            ck = torch.load(ck, map_location="cpu", weights_only=True)
-        return ck
+        good = sorted((c for c in cands if c[0] <= latest), key=lambda c: -c[0])
+        early = sorted((c for c in cands if latest < c[0] <= spike_start), key=lambda c: c[0])
+        for i, (step, ck) in enumerate(good + early):
+            if not isinstance(ck, dict):
+                try:
+                    ck = torch.load(ck, map_location="cpu", weights_only=True)
+                except Exception as exc:  # noqa: BLE001 - try the next one
+                    self._warn_once(f"bad:{ck}", f"seismo Guard: cannot load {ck} ({exc!r}); trying another checkpoint")
+                    continue
+            if i >= len(good):
+                self._warn_once(f"rewind:{step}", f"seismo Guard: no checkpoint {self.config.rewind} steps before "
+                                                  f"the spike at step {spike_start}; restoring step {step} instead")
+            return ck
+        return None
 
     def _rollback(self, t: int, d: int, ep: dict, ck: dict, how: str) -> None:
         cfg = self.config
@@ -960,7 +999,7 @@ class Guard:
                         pass
             if not any(s == r for s, _, _ in self._valid_snapshots()):
                 self._writer.submit(self._snapshot_path(r, len(self._rollbacks)), ck)
-        msg = (f"rolled back: {self._describe(ep['reasons'], ep['row'])} from step {ep['start']} (data index "
+        msg = (f"rolled back: {self._describe_episode(ep)} from step {ep['start']} (data index "
                f"{ep['data_index']}) did not recover ({how}); restored step {r}, skipping data [{start}, {end}) "
                f"({end - start} batches), LR factor {self._lr_factor:g}")
         ev = {k: v for k, v in record.items() if k != "time"}
@@ -969,15 +1008,16 @@ class Guard:
 
     def _give_up(self, t: int, d: int, row: list[float], ep: dict, why: str) -> None:
         reasons = ep["reasons"]
+        now = [r for r, f in zip(REASONS, row[:_N_FLAGS]) if f > 0]
         lines = [
-            f"seismo Guard gave up at step {t} (data index {d}): {self._describe(reasons, row)}; the spike "
-            f"started at step {ep['start']} (data index {ep['data_index']}) with {self._describe(reasons, ep['row'])}.",
+            f"seismo Guard gave up at step {t} (data index {d}): {self._describe(now, row)}; the spike "
+            f"started at step {ep['start']} (data index {ep['data_index']}) with {self._describe_episode(ep)}.",
             f"Why: {why}.",
         ]
         for rb in self._rollbacks:
             lines.append(f"  rollback #{rb['index'] + 1}: {', '.join(_REASON_TEXT[x] for x in rb['reasons'])} from step "
                          f"{rb['spike_step']} (data index {rb['spike_data_index']}) -> restored step {rb['restored_step']}, "
-                         f"skipped data {rb['skipped_range']}, LR factor {rb['lr_factor']:g}")
+                         f"skipped data [{rb['skipped_range'][0]}, {rb['skipped_range'][1]}), LR factor {rb['lr_factor']:g}")
         lines.append(f"Rollbacks: {len(self._rollbacks)}. Next: lower the learning rate, add qk-layernorm / z-loss, "
                      "inspect the batches at the data indices above, or allow more rollbacks (max_rollbacks).")
         msg = "\n".join(lines)
@@ -998,6 +1038,10 @@ class Guard:
         n = _N_FLAGS
         return {"loss": row[n], "grad_norm": row[n + 1], "loss_median": row[n + 2], "grad_norm_median": row[n + 3],
                 "loss_z": row[n + 4], "grad_norm_z": row[n + 5]}
+
+    @staticmethod
+    def _describe_episode(ep: dict) -> str:
+        return " and ".join(Guard._describe([r], ep["first"][r]) for r in ep["reasons"])
 
     @staticmethod
     def _describe(reasons: Sequence[str], row: list[float]) -> str:

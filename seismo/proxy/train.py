@@ -110,6 +110,7 @@ class TrainConfig:
     seqlen_warmup: SeqlenWarmupConfig = field(default_factory=SeqlenWarmupConfig)
     spikes: SpikeInjection = field(default_factory=SpikeInjection)
     z_loss: float = 0.0
+    guard: str = "none"  # "skip": seismo.Guard skips non-finite and spiking steps (see docs/GUARD.md)
     steps: int = 600
     batch_size: int = 32  # 0 = full batch (modular data)
     seq_len: int = 0  # 0 means model.block_size
@@ -145,6 +146,8 @@ class TrainConfig:
                 raise ConfigError(f"{f}: must be an integer >= 0, got {v!r}")
         if self.seq_len > self.model.block_size:
             raise ConfigError(f"seq_len: {self.seq_len} exceeds model.block_size {self.model.block_size}")
+        if self.guard not in ("none", "skip"):
+            raise ConfigError(f"guard: must be 'none' or 'skip' in train() (use seismo.Guard in your own loop for rollback), got {self.guard!r}")
         if self.z_loss < 0:
             raise ConfigError(f"z_loss: must be >= 0, got {self.z_loss}")
         if self.monitor not in PRESETS + ("none",):
@@ -289,6 +292,12 @@ def train(
             monitor.diagnoser.load_state_dict(ck_detectors)
         run_id = monitor.run_id
 
+    guard = None
+    if cfg.guard == "skip":
+        from seismo.mitigate.guard import Guard
+
+        guard = Guard(model, optimizer, policy="skip", max_grad_norm=cfg.optim.grad_clip, monitor=monitor, zero_grad=False)
+
     status, diverged_at = "completed", None
     slw = cfg.seqlen_warmup
     spike_steps = set(cfg.spikes.steps)
@@ -311,9 +320,19 @@ def train(
         if step in spike_steps:
             total = total * cfg.spikes.factor  # every gradient x factor, seen by the monitor like a real spike
         total.backward()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
+        if guard is not None:
+            from seismo.mitigate.guard import GuardGaveUp
+
+            try:
+                guard.step(loss)  # clips, then steps the optimizer or skips the step entirely
+            except GuardGaveUp:
+                losses[step] = float("nan")
+                status, diverged_at = "diverged", step
+                break
+        else:
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
         losses[step] = loss.detach()
         if monitor is not None:
             monitor.step(loss)
@@ -346,6 +365,9 @@ def train(
             status = "interrupted"
             break
 
+    if guard is not None:
+        guard.close()
+        meta["guard"] = dict(guard.stats)
     steps_done = step + 1 if cfg.steps > start else start
     if status == "completed":
         v = evaluate(model, ds, cfg, seq_len)
