@@ -105,6 +105,10 @@ class SpikeDetector:
                 out.append(Event(self.divergence_kind, "critical", step, "",
                                  f"{self.signal} has stayed far above its baseline {_fmt(raw_level)} for {self.persist} observations: not a transient spike",
                                  dict(value=x, baseline=raw_level, observations=self.persist)))
+            if self.in_spike >= self.persist:
+                # A level that persists is the new normal: let it into the window so later spikes
+                # on top of it are still found (otherwise one level shift blinds the detector).
+                self.window.add(tx)
         else:
             self.in_spike = 0
             self.window.add(tx)
