@@ -37,7 +37,7 @@ QKNORM = Mitigation("qk-layernorm", "LayerNorm on queries and keys per head befo
 SIGMA = Mitigation("sigmaReparam", "reparametrize every linear layer as gamma / sigma(W) * W",
                    "seismo.mitigate.apply_sigma_reparam", ZHAI)
 COSINE = Mitigation("scaled cosine attention", "bound attention logits by a learnable per-head scale (<= 100)",
-                    "seismo.proxy.GPTConfig", SWIN)
+                    "seismo.mitigate.ScaledCosineAttention", SWIN)
 LOWER_LR = Mitigation("lower the learning rate", "divide the peak learning rate by 2-4", "", WORTSMAN)
 WARMUP = Mitigation("longer warm-up", "lengthen the linear lr warm-up (e.g. 5% of training)",
                     "seismo.mitigate.schedules.warmup_cosine", GILMER + "; " + WORTSMAN)
@@ -46,16 +46,20 @@ WD = Mitigation("weight decay", "use (independent) weight decay, e.g. lambda = 1
                 "seismo.mitigate.param_groups.independent_weight_decay", WORTSMAN)
 CLIP = Mitigation("gradient clipping", "clip the global gradient norm (e.g. at 1.0)", "torch.nn.utils.clip_grad_norm_", WORTSMAN)
 ROLLBACK = Mitigation("roll back and skip data", "restart from a checkpoint ~100 steps before the spike and skip 200-500 batches",
-                      "", PALM)
+                      "seismo.Guard", PALM)
 SMALL_EPS = Mitigation("smaller Adam eps", "lower AdamW eps to 1e-15 so updates keep their size when gradients are tiny", "", WORTSMAN)
 SLW = Mitigation("sequence-length warm-up", "start training on short sequences and grow them (DeepSpeed rule)",
                  "seismo.mitigate.schedules.seqlen_warmup", LI)
 STABLEMAX = Mitigation("StableMax", "replace softmax in the loss with StableMax", "seismo.mitigate.stablemax_cross_entropy", PRIETO)
 PERIGRAD = Mitigation("perpendicular gradients", "remove the gradient component along the weights (the naive-loss-minimisation direction)",
-                      "", PRIETO)
+                      "seismo.mitigate.transforms.orthogonalize", PRIETO)
 FP64 = Mitigation("higher softmax precision", "compute the output softmax / loss in float64", "", PRIETO)
-PERI = Mitigation("Peri-LN", "normalise each branch's input and output (not the residual stream)", "seismo.proxy.GPTConfig", PERILN)
-RESPOST = Mitigation("residual post-norm", "LayerNorm on each residual branch's output", "seismo.proxy.GPTConfig", SWIN)
+PERI = Mitigation("Peri-LN", "normalise each branch's input and output (not the residual stream)", "seismo.mitigate.PeriLNResidual", PERILN)
+RESPOST = Mitigation("residual post-norm", "LayerNorm on each residual branch's output", "seismo.mitigate.ResPostNormResidual", SWIN)
+SKIP = Mitigation("skip spiking steps", "let seismo.Guard skip steps whose loss or gradient spikes or is non-finite",
+                  "seismo.Guard", PALM + "; OLMo-core SkipStepOptimizer")
+SPAM_OPT = Mitigation("SPAM / Stable-SPAM", "spike-aware clipping with momentum reset", "seismo.mitigate.optimizers.spam",
+                      "Huang et al. 2025, arXiv 2501.06842; arXiv 2502.17055")
 SMALL_BATCH = Mitigation("smaller batch", "use a smaller batch (noisier, less time-correlated gradients)", "", MOLYBOG)
 CHECK_DATA = Mitigation("check the batch", "look for corrupt or extreme samples in the offending batches", "", PALM)
 RAISE_LR = Mitigation("check the schedule", "the learning rate or the update size may have decayed to nothing; raise it or shorten the decay", "", WORTSMAN)
@@ -66,8 +70,8 @@ PLAYBOOK: dict[str, list[Mitigation]] = {
     "output_logit_divergence": [ZLOSS, WD, LOWER_LR],
     "loss_spike": [ROLLBACK, CLIP, LOWER_LR, WARMUP],
     "loss_divergence": [ROLLBACK, LOWER_LR, QKNORM, ZLOSS],
-    "grad_spike": [CLIP, ROLLBACK, LOWER_LR],
-    "nonfinite": [ROLLBACK, LOWER_LR, CHECK_DATA],
+    "grad_spike": [CLIP, SPAM_OPT, SKIP, ROLLBACK, LOWER_LR],
+    "nonfinite": [SKIP, ROLLBACK, LOWER_LR, CHECK_DATA],
     "edge_of_stability": [WARMUP, LOWER_LR],
     "adam_decorrelation": [LOWER_LR, SMALL_EPS, SMALL_BATCH, ROLLBACK],
     "epsilon_regime": [SMALL_EPS],

@@ -2,6 +2,7 @@
 
 from seismo.mitigate import optimizers, transforms
 from seismo.mitigate.guard import Guard, GuardConfig, GuardGaveUp
+from seismo.mitigate.blocks import PeriLNResidual, ResPostNormResidual, ScaledCosineAttention
 from seismo.mitigate.losses import StableMax, stablemax, stablemax_cross_entropy, z_loss
 from seismo.mitigate.model_edits import QKNorm, SigmaReparam, apply_sigma_reparam
 from seismo.mitigate.param_groups import decay_groups, independent_weight_decay, mup_param_groups
@@ -9,6 +10,7 @@ from seismo.mitigate.schedules import lr_at, seqlen_warmup, warmup_cosine, warmu
 
 __all__ = [
     "transforms", "optimizers", "Guard", "GuardConfig", "GuardGaveUp",
+    "PeriLNResidual", "ResPostNormResidual", "ScaledCosineAttention",
     "z_loss", "StableMax", "stablemax", "stablemax_cross_entropy", "QKNorm", "SigmaReparam", "apply_sigma_reparam",
     "decay_groups", "independent_weight_decay", "mup_param_groups", "lr_at", "seqlen_warmup", "warmup_cosine", "warmup_linear",
 ]
