@@ -62,7 +62,9 @@ class ActivationProbe:
             with torch.no_grad():
                 x = x.detach().float()
                 self._out[f"act/rms/{name}"] = x.pow(2).mean().sqrt()
-                self._out[f"act/max/{name}"] = x.abs().amax()
+                # max |x| = max(max x, -min x) without an |x| temporary; abs() maps -0.0 to 0.0
+                lo, hi = torch.aminmax(x)
+                self._out[f"act/max/{name}"] = torch.maximum(hi, -lo).abs()
         return hook
 
     def collect(self, step: int, loss: Tensor | None) -> dict[str, Tensor]:

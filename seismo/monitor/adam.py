@@ -98,10 +98,11 @@ class AdamProbe:
                     v_l1 = torch.zeros((), device=dev)
                     v_max = torch.full((), float("-inf"), device=dev)
                 i = self.owner_of[id(p)]
+                r2 = r.pow(2).sum()
                 row = torch.stack([
                     torch.ones((), device=dev) * r.numel(),
                     r.sum(),
-                    r.pow(2).sum(),
+                    r2,
                     (r.abs() > self.bimodal_threshold).sum().float(),
                     (sv < eps).sum().float(),
                 ])
@@ -109,7 +110,7 @@ class AdamProbe:
                 v = st["exp_avg_sq"].float()
                 v_l1 = v_l1 + v.abs().sum()
                 v_max = torch.maximum(v_max, v.max())
-                rsq = rsq + r.pow(2).sum()
+                rsq = rsq + r2
                 if p.grad is not None:
                     g = p.grad.detach().float()
                     dot = dot + (r * g).sum()

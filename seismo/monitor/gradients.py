@@ -44,8 +44,9 @@ class GradientProbe:
         self.per_module = per_module
         self.source = source
         self._armed = False
-        self._sq: dict[int, Tensor] = {}
-        self._bad: dict[int, Tensor] = {}
+        # per parameter slot: squared sum and non-finite count of the gradient seen this step
+        self._sq: list[Tensor | None] = []
+        self._bad: list[Tensor | None] = []
 
     def attach(self, ctx: ProbeContext) -> None:
         groups = param_modules(ctx.model)
@@ -55,8 +56,12 @@ class GradientProbe:
         self._slot = {id(p): i for i, p in enumerate(self.params)}
         dev = self.params[0].device
         self._owner, self._numel = owner.to(dev), numel.to(dev)
+        self._zero = torch.zeros((), device=dev)
+        self._sq = [None] * len(self.params)
+        self._bad = [None] * len(self.params)
         self.hooks = HookSet(self.name, ctx.on_error)
         self.step_hooks = HookSet(self.name, ctx.on_error)
+        self._hook = self.hooks.guard(self._record)  # wrapped once, registered on tracked steps
         if self.source == "auto":
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
             self.source = "optimizer" if distributed else "backward"
@@ -67,41 +72,57 @@ class GradientProbe:
 
     def _record(self, p: Tensor) -> None:
         g = p.grad
-        if g is None:
+        if g is None or not self._armed:
             return
         g = g.detach()
-        self._sq[id(p)] = g.float().pow(2).sum()
-        self._bad[id(p)] = (~torch.isfinite(g)).sum()
+        i = self._slot[id(p)]
+        self._sq[i] = g.float().pow(2).sum()
+        # x - x is 0 for finite x and nan for inf/nan: the same count as (~isfinite(g)).sum(),
+        # about 3x cheaper on CPU (isfinite and bool sums are not vectorised there)
+        self._bad[i] = torch.count_nonzero(g - g)
 
     def arm(self, step: int) -> None:
         self._armed = True
-        self._sq.clear()
-        self._bad.clear()
-        if self.source == "backward":
-            for p in self.params:
-                self.hooks.add(p.register_post_accumulate_grad_hook(self.hooks.guard(self._record)))
+        n = len(self.params)
+        self._sq = [None] * n
+        self._bad = [None] * n
+        if self.source == "backward" and not self.hooks.handles:
+            hook = self._hook
+            self.hooks.handles.extend(p.register_post_accumulate_grad_hook(hook) for p in self.params)
 
     def _on_step(self, optimizer, args, kwargs) -> None:
         if self._armed:
             for p in self.params:
                 self._record(p)
 
+    def _tracks(self, step: int) -> bool:
+        try:
+            return bool(self.schedule(step))
+        except Exception:
+            return False
+
     def collect(self, step: int, loss: Tensor | None) -> dict[str, Tensor]:
-        self.hooks.remove()
+        # When the next step is tracked too (the Monitor arms it right after this call) the hooks
+        # stay installed instead of removing and re-registering one hook per parameter each step.
+        if not self._tracks(step + 1):
+            self.hooks.remove()
         self._armed = False
-        if not self._sq:
+        if all(v is None for v in self._sq):
             return {}
         dev = self._owner.device
-        sq = torch.zeros(len(self.params), device=dev)
-        bad = torch.zeros(len(self.params), device=dev)
-        for pid, v in self._sq.items():
-            sq[self._slot[pid]] = v
-            bad[self._slot[pid]] = self._bad[pid].float()
+        zero = self._zero
+
+        def vec(values: list[Tensor | None]) -> Tensor:  # one stack instead of an index_put per parameter
+            return torch.stack([zero if v is None else (v if v.device == dev else v.to(dev)) for v in values]).float()
+
+        sq, bad = vec(self._sq), vec(self._bad)
+        self._sq = [None] * len(self.params)
+        self._bad = [None] * len(self.params)
         out = {"grad/norm": sq.sum().sqrt(), "grad/nonfinite": bad.sum()}
         if self.per_module:
             msq = torch.zeros(len(self.modules), device=dev).index_add_(0, self._owner, sq)
-            norms = msq.sqrt()
-            rms = (msq / self._numel).sqrt()
+            norms = msq.sqrt().unbind()
+            rms = (msq / self._numel).sqrt().unbind()
             for i, m in enumerate(self.modules):
                 out[f"grad/norm/{m}"] = norms[i]
                 out[f"grad/rms/{m}"] = rms[i]

@@ -41,14 +41,22 @@ def extract_logits(output) -> Tensor | None:
 def logit_stats(logits: Tensor) -> dict[str, Tensor]:
     """The five output-logit signals for logits ``(..., V)``."""
     z = logits.detach().reshape(-1, logits.size(-1))
-    zmax = z.max(dim=-1, keepdim=True).values
-    collapsed = torch.exp(z - zmax).sum(dim=-1) == 1  # in the logits' dtype, on purpose
-    zero_loss = torch.log_softmax(z, dim=-1).max(dim=-1).values == 0
-    logz = torch.logsumexp(z.float(), dim=-1)
+    # amax, not max(dim=...): the same values without the argmax indices (several times faster on CPU)
+    zmax = z.amax(dim=-1, keepdim=True)
+    total = (z - zmax).exp_().sum(dim=-1)
+    collapsed = total == 1  # in the logits' dtype, on purpose
+    zero_loss = torch.log_softmax(z, dim=-1).amax(dim=-1) == 0
+    if z.dtype == torch.float32:
+        # torch.logsumexp is log(sum(exp(z - max))) + max, with an infinite max taken as 0: reuse
+        # the sum above (bitwise the same result, one pass over the logits fewer).
+        m = zmax.squeeze(-1)
+        logz = torch.where(torch.isfinite(m), total.log() + m, m)
+    else:
+        logz = torch.logsumexp(z.float(), dim=-1)
     return {
         "logits/logz_mean": logz.mean(),
         "logits/logz_absmax": logz.abs().max(),
-        "logits/max": z.float().max(),
+        "logits/max": zmax.max().float(),
         "logits/softmax_collapse": collapsed.float().mean(),
         "logits/zero_loss_frac": zero_loss.float().mean(),
     }

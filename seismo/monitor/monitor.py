@@ -271,7 +271,8 @@ class Monitor:
     def _queue(self, step: int, record: dict[str, Tensor]) -> None:
         names = list(record)
         devs = {v.device for v in record.values()}
-        vals = [v.reshape(()).float() for v in record.values()]
+        f32 = torch.float32
+        vals = [v if v.dtype is f32 and v.dim() == 0 else v.reshape(()).float() for v in record.values()]
         if len(devs) > 1:
             vals = [v.cpu() for v in vals]
         self._pending.append((step, names, torch.stack(vals)))

@@ -29,7 +29,7 @@ def lr_sensitivity(losses: Sequence[float], init_loss: float) -> float:
     if not math.isfinite(init_loss):
         raise ValueError(f"init_loss must be finite, got {init_loss}")
     c = _capped(losses, init_loss)
-    return float(c.mean() - c.min())
+    return float(np.mean(c - c.min()))  # not c.mean() - c.min(): rounding made that -4e-16 for equal losses
 
 
 def optimal_lr(lrs: Sequence[float], losses: Sequence[float], init_loss: float = math.inf) -> float:

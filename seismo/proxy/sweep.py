@@ -98,6 +98,11 @@ def expand(sweep: SweepConfig) -> list[Trial]:
                     cfg.validate()
                     d = cfg.to_dict()
                     trials.append(Trial(sweep.name, iname, sname, float(lr), int(seed), d, _key(d)))
+    seen: dict[str, Trial] = {}
+    for t in trials:  # equal configs share a key: a resumed sweep would store one and silently drop the other
+        if t.key in seen:
+            raise ConfigError(f"sweep: trials {seen[t.key].run_name} and {t.run_name} have identical configs; remove one")
+        seen[t.key] = t
     return trials
 
 
@@ -144,8 +149,12 @@ def _local_results(todo: list[Trial], workers: int) -> Iterator[tuple[Trial, dic
 
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(run_trial, t.config): t for t in todo}
-        for fut in cf.as_completed(futures):
-            yield futures[fut], fut.result()
+        try:
+            for fut in cf.as_completed(futures):
+                yield futures[fut], fut.result()
+        finally:  # Ctrl-C or an error: drop the queued trials, or leaving the pool would run them all first
+            for fut in futures:
+                fut.cancel()
 
 
 def _ray_results(todo: list[Trial], workers: int, address: str | None) -> Iterator[tuple[Trial, dict]]:
@@ -158,8 +167,8 @@ def _ray_results(todo: list[Trial], workers: int, address: str | None) -> Iterat
         kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
         if address:
             kwargs["address"] = address
-        else:
-            kwargs["num_cpus"] = workers
+        else:  # "local": without it ray.init joins a cluster from RAY_ADDRESS / `ray start` and rejects num_cpus
+            kwargs.update(address="local", num_cpus=workers)
         ray.init(**kwargs)
         started = True
     try:
