@@ -113,6 +113,13 @@ class AdamProbe:
                 rsq = rsq + r2
                 if p.grad is not None:
                     g = p.grad.detach().float()
+                    if r.shape != g.shape:
+                        # sparse-momentum optimizers (SPAM's `density`) keep the moments of the
+                        # coordinates in a boolean `mask` only, flattened
+                        mask = st.get("mask")
+                        if not (isinstance(mask, Tensor) and mask.shape == g.shape and r.numel() == g[mask].numel()):
+                            continue
+                        g, r = g[mask], r.reshape(-1)
                     dot = dot + (r * g).sum()
                     gsq = gsq + g.pow(2).sum()
         if not seen:

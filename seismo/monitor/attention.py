@@ -102,7 +102,7 @@ def attention_stats(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class AttentionProbe:
-    def __init__(self, name: str = "attn", schedule: Schedule | None = None, max_batch: int = 4, sites: list[AttentionSite] | None = None):
+    def __init__(self, name: str = "attn", schedule: Schedule | None = None, max_batch: int = 2, sites: list[AttentionSite] | None = None):
         if max_batch < 1:
             raise ValueError("AttentionProbe max_batch must be >= 1")
         self.name = name

@@ -17,7 +17,7 @@ parameters the next step starts from. The Hessian-vector-product graph is built 
 step and shared by every estimator. Observation does not perturb training: parameters, ``.grad``,
 optimizer state, module buffers, train/eval flags and the global RNG are left as they were
 (random vectors come from a private generator). The Lanczos iteration synchronises with the
-host, so this probe belongs on a sparse schedule (every 100 steps by default).
+host, so this probe belongs on a sparse schedule (every 100 steps unless told; the `full` preset uses every 500).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class CurvatureProbe:
             train/eval mode; ``probe_loss`` may switch it (e.g. ``model.eval()`` for a
             dropout-free Hessian): modes are restored afterwards.
         name: instance name, the prefix of the signals.
-        schedule: tracked steps (default every 100 steps).
+        schedule: tracked steps (default every 100 steps; the ``full`` preset passes every 500).
         iters: Lanczos steps (Hessian-vector products) per eigenvalue.
         trace: also estimate the Hessian trace with ``trace_samples`` Rademacher probes.
         seed: seed of the private generator for Lanczos start vectors and trace probes.

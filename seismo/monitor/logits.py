@@ -63,7 +63,7 @@ def logit_stats(logits: Tensor) -> dict[str, Tensor]:
 
 
 class LogitsProbe:
-    def __init__(self, name: str = "logits", schedule: Schedule | None = None, output: str | None = None, max_rows: int = 4096):
+    def __init__(self, name: str = "logits", schedule: Schedule | None = None, output: str | None = None, max_rows: int = 1024):
         self.name = name
         self.schedule = schedule or every(1)
         self.output = output

@@ -36,13 +36,7 @@ from seismo.report import load_run
 V, T = 32, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CPU is shared: an idle second OpenMP thread spinning makes tiny kernels 1000x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------
@@ -275,6 +269,41 @@ def test_adam_signals_vs_optimizer_state():
             saw_eps_dominated |= 0 < dominated < 1
             assert abs(at(mon, f"adam/eps_dominated/{mod}", step) - dominated) <= 2 / n + 1e-7, mod
     assert saw_eps_dominated
+    mon.close()
+
+
+def test_adam_signals_with_spam_flattened_masked_moments():
+    """SPAM (pytorch-optimizer) keeps exp_avg / exp_avg_sq flattened over a boolean `mask`: the probe
+    must pair them with the masked gradient, not turn itself off."""
+    pytest.importorskip("pytorch_optimizer")
+    from seismo.mitigate.optimizers import spam
+
+    model = nn.ModuleDict({"layer": nn.Linear(6, 5)})
+    opt = spam(model.parameters(), lr=1e-2)
+    mon = Monitor(model, opt, probes=[AdamProbe(schedule=every(1))], flush_every=1)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a probe failure warns; it must not happen
+        for step in range(3):
+            loss = model["layer"](x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+    assert not mon.disabled
+    rs, gs = [], []
+    states = {p: st_ for p, st_ in opt.state.items() if isinstance(p, torch.Tensor)}  # SPAM also keeps counters there
+    masked = [p for p, st_ in states.items() if "mask" in st_]
+    assert masked and all(opt.state[p]["exp_avg"].dim() == 1 < p.dim() for p in masked)  # the layout under test
+    for p, st_ in states.items():
+        b1, b2 = opt.param_groups[0]["betas"]
+        eps, t = opt.param_groups[0]["eps"], float(opt.param_groups[0]["step"])
+        m_hat = st_["exp_avg"].double() / (1 - b1**t)
+        v_hat = st_["exp_avg_sq"].double() / (1 - b2**t)
+        rs.append((m_hat / (v_hat.sqrt() + eps)).reshape(-1))
+        gs.append(p.grad.double()[st_["mask"]] if "mask" in st_ else p.grad.double().reshape(-1))
+    r, g = torch.cat(rs), torch.cat(gs)
+    assert at(mon, "adam/update_grad_cos", 2) == pytest.approx(float(r @ g / (r.norm() * g.norm())), rel=1e-3)
     mon.close()
 
 
@@ -709,7 +738,7 @@ def test_full_preset_wires_the_curvature_probe():
     mon = Monitor(model, opt, probes="full", probe_loss=probe_loss)
     curv = [p for p in mon.probes if isinstance(p, CurvatureProbe)]
     assert [p.name for p in curv] == ["hessian"]
-    assert [s for s in range(250) if curv[0].schedule(s)] == [0, 100, 200]
+    assert [s for s in range(1200) if curv[0].schedule(s)] == [0, 500, 1000]
     assert not mon.disabled
     mon.close()
     for kwargs in (dict(probes="full"), dict(probes="default", probe_loss=probe_loss), dict(probes="minimal", probe_loss=probe_loss)):
@@ -717,9 +746,16 @@ def test_full_preset_wires_the_curvature_probe():
         assert not any(isinstance(p, CurvatureProbe) for p in mon.probes), kwargs
         mon.close()
     probes = build_probes("full", 10, probe_loss=probe_loss)
+    assert [s for s in range(1200) if probes[-1].schedule(s)] == [0, 500, 1000]
+    probes = build_probes("full", 10, probe_loss=probe_loss, curvature_every=100)
     assert [s for s in range(250) if probes[-1].schedule(s)] == [0, 100, 200]
-    probes = build_probes("full", 300, probe_loss=probe_loss)
+    probes = build_probes("full", 300, probe_loss=probe_loss, curvature_every=100)
     assert [s for s in range(700) if probes[-1].schedule(s)] == [0, 300, 600]
+    mon = Monitor(model, opt, probes="full", probe_loss=probe_loss, curvature_every=50)
+    assert [s for s in range(120) if mon.probes[-1].schedule(s)] == [0, 50, 100]
+    mon.close()
+    with pytest.raises(ValueError, match="curvature_every"):
+        build_probes("full", probe_loss=probe_loss, curvature_every=-3)
 
 
 # --------------------------------------------------------------------------
