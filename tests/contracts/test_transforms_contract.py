@@ -22,12 +22,7 @@ DTYPES = [torch.float32, torch.float64]
 SHAPES = [(5, 3), (5,), (), (2, 3, 2, 2)]  # matrix, vector, scalar, conv kernel
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(name: str) -> T.GradientTransform:

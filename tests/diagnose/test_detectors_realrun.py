@@ -25,12 +25,7 @@ from seismo.proxy.model import GPTConfig, TinyGPT
 from seismo.proxy.presets import get_preset
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _kind(events: list[Event], kind: str, severity: str | None = None) -> list[Event]:

@@ -18,12 +18,7 @@ from seismo.mitigate import optimizers as O  # noqa: E402
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def randn(shape, seed):
@@ -419,3 +414,37 @@ def test_missing_library_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "pytorch_optimizer", None)
     with pytest.raises(ImportError, match=r"pip install 'seismo\[optim\]'"):
         O.adabelief([torch.nn.Parameter(torch.zeros(2))])
+
+
+def test_spam_threshold_matched_to_beta2():
+    """One clipped coordinate multiplies v by beta2 + (1 - beta2) * theta (SPAM's clip to sqrt(theta v))."""
+    assert O.spam_threshold_for_beta2(0.999) == pytest.approx(5000.0)
+    th = O.spam_threshold_for_beta2(0.95)
+    assert th == pytest.approx((0.999 + 0.001 * 5000 - 0.95) / 0.05) and round(th) == 101
+    # check the inflation factor by running the library's SPAM on one coordinate
+    for beta2, theta in ((0.999, 5000.0), (0.95, th)):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = O.spam([p], lr=1e-3, betas=(0.9, beta2), threshold=theta)
+        for _ in range(30):  # clipping is active from step N_a = 20 on
+            p.grad = torch.ones(1)
+            opt.step()
+        v_before = opt.state[p]["exp_avg_sq"].clone()
+        p.grad = torch.full((1,), 1e6)  # a x1e6 spike: clipped to sqrt(theta * v)
+        opt.step()
+        assert float(opt.state[p]["exp_avg_sq"] / v_before) == pytest.approx(0.999 + 0.001 * 5000, rel=1e-4)
+    with pytest.raises(ValueError):
+        O.spam_threshold_for_beta2(1.0)
+
+
+def test_train_passes_the_spam_threshold():
+    from seismo.proxy.presets import get_preset
+    from seismo.proxy.train import build_optimizer
+    from seismo.proxy.model import TinyGPT, ConfigError
+
+    cfg = get_preset("tiny")
+    cfg.optim.name, cfg.optim.spam_threshold = "spam", 101.0
+    opt = build_optimizer(TinyGPT(cfg.model), cfg.optim)
+    assert opt.threshold == 101.0
+    cfg.optim.spam_threshold = -1.0
+    with pytest.raises(ConfigError, match="spam_threshold"):
+        cfg.validate()

@@ -22,13 +22,7 @@ from seismo.proxy.model import ConfigError, GPTConfig, TinyGPT
 from seismo.proxy.train import OptimConfig, build_optimizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster and immune to oversubscription on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 V, T, C, H = 64, 16, 32, 4  # small sizes: vocab, sequence, width, heads

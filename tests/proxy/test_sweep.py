@@ -520,6 +520,21 @@ def test_cli_quick_preset_table_plots_and_predict_error(tmp_path, capsys):
         assert len(store.runs()) == 12
 
 
+def test_cli_full_batch_preset_prints_trial_measures_and_curves(tmp_path, capsys):
+    out = str(tmp_path / "runs")
+    assert main(["sweep", "edge_of_stability", "--quick", "--workers", "1", "--out", out, "--set", "steps=120"]) == 0
+    text = capsys.readouterr().out
+    assert "edge_of_stability-quick: trials" in text and "sharp/thr" in text
+    rows = load_sweep_results(Path(out) / "seismo.sqlite", "edge_of_stability-quick")
+    assert sorted(r["lr"] for r in rows) == [0.1, 0.2]
+    for r in rows:
+        assert r["steps_done"] == 120 and math.isfinite(r["sharpness_ratio"])
+        assert re.search(rf"gd\W+w64\W+{r['lr']:g}\W+completed.*{r['sharpness_ratio']:.3f}", text), r["lr"]
+    plot_dir = Path(out) / "sweep-edge_of_stability-quick"
+    assert (plot_dir / "sharpness_vs_step.png").stat().st_size > 1000
+    assert not (plot_dir / "attn_logit_vs_size.png").exists()  # no attention in an MLP
+
+
 @pytest.mark.parametrize("argv, match", [
     (["sweep", "no_such_preset"], "sweep: unknown preset 'no_such_preset'"),
     (["sweep", "qk_layernorm", "--quick", "--workers", "0"], "--workers: must be >= 1"),

@@ -26,13 +26,7 @@ from seismo.proxy.presets import PRESETS, get_preset
 from seismo.proxy.train import OptimConfig, TrainConfig, build_optimizer, load_checkpoint, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster and immune to oversubscription on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # the module, not the function ``seismo.proxy.train`` that the package re-exports under that name
@@ -361,12 +355,15 @@ def test_lr_schedule_errors():
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_is_a_valid_train_config(name):
+    from seismo.proxy.fullbatch import FullBatchConfig
+
     cfg = get_preset(name)
-    assert isinstance(cfg, TrainConfig)
+    cls = FullBatchConfig if name in ("modular_mlp", "eos_mlp") else TrainConfig
+    assert isinstance(cfg, cls)
     cfg.validate()
     cfg.steps += 1
     assert get_preset(name).steps == cfg.steps - 1  # a fresh config every call
-    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert cls.from_dict(cfg.to_dict()) == cfg
 
 
 def test_unknown_preset_names_the_field():
