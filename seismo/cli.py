@@ -182,10 +182,25 @@ def cmd_train(args) -> int:
     apply_overrides(cfg, args.set or [])
     if args.name:
         cfg.run_name = args.name
-    if not cfg.out_dir:
-        cfg.out_dir = str(Path(args.out) / cfg.run_name)
     if not cfg.store:
         cfg.store = str(Path(args.out) / "seismo.sqlite")
+    if getattr(cfg, "kind", "") == "fullbatch":  # a full-batch MLP preset (modular_mlp, eos_mlp)
+        from seismo.proxy.fullbatch import train_fullbatch
+
+        if args.resume:
+            raise CLIError(f"--resume: full-batch presets ({args.preset}) run in one go; they have no checkpoints")
+        cfg.validate()
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        with console.status(f"{cfg.run_name}: {cfg.steps} full-batch steps"):
+            r = train_fullbatch(cfg)
+        from seismo.proxy.measures import trial_measures
+
+        extra = "".join(f", {k} {_fmt(v) if isinstance(v, float) else v}" for k, v in trial_measures(r.history).items())
+        console.print(f"{cfg.run_name}: {r.status} after {r.steps_done} steps; final train loss {_fmt(r.final_train_loss)}, "
+                      f"val loss {_fmt(r.final_val_loss)}{extra}\nrun store {r.store} (run id {r.run_id})")
+        return 0 if r.status != "diverged" or not args.fail_on_divergence else 1
+    if not cfg.out_dir:
+        cfg.out_dir = str(Path(args.out) / cfg.run_name)
     cfg.validate()
     r = _train_with_progress(cfg, console, cfg.run_name, resume=args.resume)
     console.print(
@@ -256,16 +271,43 @@ def cmd_sweep(args) -> int:
         table.add_row(iv, size, f"{summary.n_params.get(size, 0):.3g}", f"{sens:.3f}", f"{summary.best_lr[(iv, size)]:g}",
                       f"{summary.divergence[(iv, size)]:.0%}", _fmt(max(logits), 1) if logits else "n/a")
     console.print(table)
+    extra = [k for k in EXTRA_MEASURES if any(k in r for r in rows)]
+    if args.trials or extra:
+        _print_trials(console, sweep.name, rows, extra)
     if args.predict:
         _print_prediction(console, summary, args.predict)
     try:
-        from seismo.report.sweep_plots import plot_sweep
+        from seismo.report.sweep_plots import plot_sweep, plot_trial_curves
 
         paths = plot_sweep(summary, Path(args.out) / f"sweep-{sweep.name}")
+        paths += plot_trial_curves(store_path, rows, Path(args.out) / f"sweep-{sweep.name}")
         console.print("Plots:\n" + "\n".join(f"  {p}" for p in paths))
     except ImportError as exc:
         console.print(f"Plots skipped: {exc}")
     return 0
+
+
+# per-trial measure -> column header (seismo.proxy.measures.trial_measures)
+EXTRA_MEASURES = {"final_val_acc": "test acc", "grok_step": "grok step", "max_softmax_collapse": "max SC",
+                  "sharpness_ratio": "sharp/thr", "max_sharpness_ratio": "max sharp/thr"}
+
+
+def _print_trials(console, name: str, rows: list[dict], extra: list[str]) -> None:
+    """One line per trial: its losses and the measures beyond the loss it recorded."""
+    from rich.table import Table
+
+    table = Table(title=f"{name}: trials")
+    cols = ["intervention", "size", "lr", "status", "train loss", "val loss"] + [EXTRA_MEASURES[k] for k in extra]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("intervention", "size", "status") else "right",
+                         overflow="fold", no_wrap=col == "intervention")
+    for r in sorted(rows, key=lambda r: (r["intervention"], r.get("n_params") or 0, r["lr"], r.get("seed", 0))):
+        cells = [r["intervention"], r["size"], f"{r['lr']:g}", r["status"], _fmt(r.get("final_train_loss")), _fmt(r.get("final_val_loss"))]
+        for k in extra:
+            v = r.get(k)
+            cells.append("never" if v is None and k == "grok_step" else str(v) if isinstance(v, int) else _fmt(v))
+        table.add_row(*cells)
+    console.print(table)
 
 
 def _print_prediction(console, summary, target: str) -> None:
@@ -339,8 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     dg.set_defaults(fn=cmd_diagnose)
 
     sw = sub.add_parser("sweep", help="lr x size x intervention sweep with LR sensitivity (resumable)")
-    sw.add_argument("sweep", help="a sweep preset name (qk_layernorm, z_loss, warmup, independent_wd, mup, sigma_reparam, seqlen_warmup) or a .toml file")
+    sw.add_argument("sweep", help="a sweep preset name (qk_layernorm, z_loss, warmup, independent_wd, mup, sigma_reparam, seqlen_warmup, spam, grokking, edge_of_stability) or a .toml file")
     sw.add_argument("--quick", action="store_true", help="the preset's small variant (about 2 minutes)")
+    sw.add_argument("--trials", action="store_true", help="also print one line per trial (automatic for presets with extra measures)")
     sw.add_argument("--workers", type=int, default=None, help="parallel trials (default: number of cores)")
     sw.add_argument("--backend", choices=("local", "ray"), default="local")
     sw.add_argument("--ray-address", default=None, help="connect to an existing Ray cluster (default: start a local one)")

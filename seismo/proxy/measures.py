@@ -9,7 +9,10 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["lr_sensitivity", "optimal_lr", "divergence_rate", "PowerLaw", "fit_power_law", "predict_unstable_lrs"]
+__all__ = [
+    "lr_sensitivity", "optimal_lr", "divergence_rate", "PowerLaw", "fit_power_law", "predict_unstable_lrs",
+    "first_step_at_or_above", "sharpness_ratio", "trial_measures",
+]
 
 
 def _capped(losses: Sequence[float], init_loss: float) -> np.ndarray:
@@ -83,4 +86,55 @@ def predict_unstable_lrs(
             continue
         pred = float(fit(target_size))
         out[lr] = (pred, pred >= threshold)
+    return out
+
+
+def first_step_at_or_above(steps: Sequence[int], values: Sequence[float], level: float) -> int | None:
+    """The first step whose value is >= ``level`` (None if never): e.g. when test accuracy reaches 95%."""
+    for s, v in zip(steps, values):
+        if math.isfinite(v) and v >= level:
+            return int(s)
+    return None
+
+
+def sharpness_ratio(steps: Sequence[int], eig: Sequence[float], threshold: Sequence[float], tail: float = 0.5) -> tuple[float, float]:
+    """(median, max) of top Hessian eigenvalue / stability threshold over the last ``tail`` of the
+    probes. At the edge of stability (Cohen et al. 2021, arXiv 2103.00065) the median sits near 1:
+    full-batch GD raises sharpness until it reaches 2/lr and then stays there."""
+    e, t = np.asarray(eig, dtype=np.float64), np.asarray(threshold, dtype=np.float64)
+    r = e / t
+    r = r[np.isfinite(r)]
+    if not len(r):
+        return math.nan, math.nan
+    last = r[int(len(r) * (1.0 - tail)):] if len(r) > 1 else r
+    return float(np.median(last)), float(r.max())
+
+
+def trial_measures(history: dict, grok_level: float = 0.95) -> dict[str, float | int | None]:
+    """Per-trial measures beyond the loss, from a run's recorded signals (only those recorded):
+
+    * ``final_val_acc`` and ``grok_step`` (first step with validation accuracy >= ``grok_level``),
+      for classification runs (Prieto et al. 2025);
+    * ``max_softmax_collapse`` (largest fraction of collapsed softmax rows, Prieto et al. 2025);
+    * ``sharpness_ratio`` / ``max_sharpness_ratio``: top Hessian eigenvalue over its stability
+      threshold (2/lr for GD), median over the second half of the run and maximum (Cohen 2021).
+    """
+    out: dict[str, float | int | None] = {}
+    if "val/acc" in history:
+        s, v = history["val/acc"]
+        if len(v):
+            out["final_val_acc"] = float(v[-1])
+            out["grok_step"] = first_step_at_or_above(s, v, grok_level)
+    if "train/acc" in history and len(history["train/acc"][1]):
+        out["final_train_acc"] = float(history["train/acc"][1][-1])
+    if "logits/softmax_collapse" in history:
+        v = np.asarray(history["logits/softmax_collapse"][1], dtype=np.float64)
+        out["max_softmax_collapse"] = float(np.nanmax(v)) if np.isfinite(v).any() else math.nan
+    if "hessian/max_eig" in history and "hessian/threshold" in history:
+        (s1, e), (s2, t) = history["hessian/max_eig"], history["hessian/threshold"]
+        tmap = dict(zip(np.asarray(s2).tolist(), np.asarray(t).tolist()))
+        pairs = [(s, x, tmap[s]) for s, x in zip(np.asarray(s1).tolist(), np.asarray(e).tolist()) if s in tmap]
+        if pairs:
+            med, mx = sharpness_ratio([p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs])
+            out["sharpness_ratio"], out["max_sharpness_ratio"] = med, mx
     return out

@@ -1,4 +1,5 @@
-"""Presets: plain Python functions that return a :class:`TrainConfig`.
+"""Presets: plain Python functions that return a :class:`TrainConfig` (TinyGPT) or a
+:class:`~seismo.proxy.fullbatch.FullBatchConfig` (full-batch MLP: ``modular_mlp``, ``eos_mlp``).
 
 ``seismo train --preset NAME --set key=value`` starts from one of these. Add your own by writing
 a function; there is no string-to-import-path indirection to fail at run time.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from seismo.proxy.fullbatch import FullBatchConfig
 from seismo.proxy.model import ConfigError
 from seismo.proxy.train import TrainConfig
 
@@ -63,12 +65,28 @@ def grokking() -> TrainConfig:
     return cfg
 
 
-PRESETS: dict[str, Callable[[], TrainConfig]] = {
+def modular_mlp() -> FullBatchConfig:
+    """Prieto et al. 2025 grokking MLP: (a + b) mod 113, 40% train, 226-200-200-113 ReLU without
+    biases, full batch, AdamW lr 1e-2 (betas 0.9/0.99, eps 1e-25), no weight decay, fp32 softmax.
+    Set output=stablemax or perp_grad=true for the two fixes."""
+    return FullBatchConfig(task="modular", steps=3000, lr=1e-2, run_name="modular-mlp")
+
+
+def eos_mlp() -> FullBatchConfig:
+    """Edge of stability (Cohen et al. 2021): a 16-64-64-1 tanh MLP regressing a smooth target on
+    256 points with full-batch GD lr 0.05; sharpness (every 10 steps) rises to 2/lr = 40 and stays."""
+    return FullBatchConfig(task="regression", hidden=[64, 64], activation="tanh", bias=True, optimizer="sgd", lr=0.05,
+                           steps=2000, eval_every=100, curvature_every=10, run_name="eos-mlp")
+
+
+PRESETS: dict[str, Callable[[], TrainConfig | FullBatchConfig]] = {
     "baseline": baseline,
     "demo_unstable": demo_unstable,
     "demo_stable": demo_stable,
     "tiny": tiny,
     "grokking": grokking,
+    "modular_mlp": modular_mlp,
+    "eos_mlp": eos_mlp,
 }
 
 
@@ -76,7 +94,7 @@ def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
-def get_preset(name: str) -> TrainConfig:
+def get_preset(name: str) -> TrainConfig | FullBatchConfig:
     try:
         return PRESETS[name]()
     except KeyError:

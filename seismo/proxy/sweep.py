@@ -91,7 +91,10 @@ def expand(sweep: SweepConfig) -> list[Trial]:
                 for seed in sweep.seeds:
                     cfg = get_preset(sweep.base)
                     apply_overrides(cfg, list(sweep.overrides) + list(sov) + list(iov))
-                    cfg.optim.lr = float(lr)
+                    if hasattr(cfg, "optim"):
+                        cfg.optim.lr = float(lr)
+                    else:  # a full-batch MLP config (seismo.proxy.fullbatch)
+                        cfg.lr = float(lr)
                     cfg.seed = int(seed)
                     cfg.out_dir, cfg.store = "", ""
                     cfg.run_name = f"{sweep.name}/{iname}/{sname}/lr={lr:g}/seed={seed}"
@@ -107,23 +110,36 @@ def expand(sweep: SweepConfig) -> list[Trial]:
 
 
 def run_trial(config: dict) -> dict:
-    """Run one trial in the current process (one torch thread) and return a picklable record."""
+    """Run one trial in the current process (one torch thread) and return a picklable record.
+
+    ``config`` is a ``TrainConfig`` dict (TinyGPT) or, with ``kind == "fullbatch"``, a
+    :class:`seismo.proxy.fullbatch.FullBatchConfig` dict (full-batch MLP)."""
     import torch
 
-    from seismo.proxy.train import TrainConfig, train
+    from seismo.proxy.measures import trial_measures
 
     torch.set_num_threads(1)
-    cfg = TrainConfig.from_dict(config)
     t0 = time.time()
-    r = train(cfg)
+    if config.get("kind") == "fullbatch":
+        from seismo.proxy.fullbatch import FullBatchConfig, train_fullbatch
+
+        r = train_fullbatch(FullBatchConfig.from_dict(config))
+        fallback_init = math.nan
+    else:
+        from seismo.proxy.train import TrainConfig, train
+
+        cfg = TrainConfig.from_dict(config)
+        r = train(cfg)
+        fallback_init = math.log(cfg.model.vocab_size)
     hist = {k: (np.asarray(s).tolist(), np.asarray(v).tolist()) for k, (s, v) in r.history.items()}
     logz = r.history.get("logits/logz_mean")
-    init_loss = float(r.train_loss[0]) if len(r.train_loss) and np.isfinite(r.train_loss[0]) else math.log(cfg.model.vocab_size)
+    init_loss = float(r.train_loss[0]) if len(r.train_loss) and np.isfinite(r.train_loss[0]) else fallback_init
     return dict(
         status=r.status, steps_done=r.steps_done, final_train_loss=r.final_train_loss, final_val_loss=r.final_val_loss,
         max_attn_logit=r.max_attn_logit, final_logz=float(logz[1][-1]) if logz is not None and len(logz[1]) else math.nan,
         init_loss=init_loss, n_params=r.meta.get("n_params"), diverged_at=r.diverged_at,
         wall_time=time.time() - t0, history=hist, events=[e.to_dict() for e in r.events],
+        **trial_measures(r.history),
     )
 
 

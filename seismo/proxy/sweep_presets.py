@@ -82,6 +82,49 @@ def seqlen_warmup(quick: bool = False) -> SweepConfig:
                  seqlen_warmup.__doc__)
 
 
+def spam(quick: bool = False) -> SweepConfig:
+    """x1000 gradient spikes on four steps: AdamW vs SPAM vs Stable-SPAM vs seismo.Guard, next to
+    spike-free AdamW; betas (0.9, 0.999) as in the SPAM papers (Huang et al. 2025; Stable-SPAM 2025)."""
+    steps = [25, 26, 30, 35] if quick else [75, 76, 150, 225]  # SPAM clips from step 20 on (N_a)
+    spikes = [f"spikes.steps={steps}", "spikes.factor=1000"]
+    return _grid("spam", quick, {
+        "adamw_clean": [],
+        "adamw": spikes,
+        "spam": spikes + ["optim.name=spam"],
+        "stable_spam": spikes + ["optim.name=stable_spam"],
+        "guard_skip": spikes + ["guard=skip"],
+    }, spam.__doc__, extra=["optim.beta2=0.999"], sizes=("xs", "s"))
+
+
+def grokking(quick: bool = False) -> SweepConfig:
+    """Modular addition without weight decay (Prieto et al. 2025): softmax (fp32, fp64) vs StableMax
+    vs perpendicular gradients; test accuracy, grokking step and Softmax Collapse."""
+    return SweepConfig(
+        name="grokking" + ("-quick" if quick else ""),
+        base="modular_mlp",
+        lrs=[1e-2] if quick else [3e-3, 1e-2],
+        sizes={"mlp64": ["hidden=[64, 64]"]} if quick else {"mlp200": []},
+        interventions={"softmax": [], "softmax_fp64": ["dtype=float64"], "stablemax": ["output=stablemax"],
+                       "perp_grad": ["perp_grad=true"]},
+        overrides=["steps=150", "eval_every=25", "log_every=25"] if quick else ["steps=3000", "eval_every=50"],
+        description=grokking.__doc__,
+    )
+
+
+def edge_of_stability(quick: bool = False) -> SweepConfig:
+    """Full-batch GD on a small tanh MLP (Cohen et al. 2021; Gilmer et al. 2022): sharpness rises
+    to 2/lr and hovers there; the ratio sharpness / (2/lr) over the second half of each run."""
+    return SweepConfig(
+        name="edge_of_stability" + ("-quick" if quick else ""),
+        base="eos_mlp",
+        lrs=[0.1, 0.2] if quick else [0.01, 0.02, 0.05, 0.1, 0.2],
+        sizes={"w64": []} if quick else {"w32": ["hidden=[32, 32]"], "w64": []},
+        interventions={"gd": []},
+        overrides=["steps=300", "curvature_every=10", "eval_every=100", "log_every=50"] if quick else ["steps=3000", "curvature_every=10"],
+        description=edge_of_stability.__doc__,
+    )
+
+
 SWEEP_PRESETS: dict[str, Callable[[bool], SweepConfig]] = {
     "qk_layernorm": qk_layernorm,
     "z_loss": z_loss,
@@ -90,6 +133,9 @@ SWEEP_PRESETS: dict[str, Callable[[bool], SweepConfig]] = {
     "mup": mup,
     "sigma_reparam": sigma_reparam,
     "seqlen_warmup": seqlen_warmup,
+    "spam": spam,
+    "grokking": grokking,
+    "edge_of_stability": edge_of_stability,
 }
 
 

@@ -48,6 +48,9 @@ class OptimConfig:
     warmup_steps: int = 100
     decay: str = "cosine"
     min_lr_ratio: float = 0.1
+    # SPAM's spike threshold theta (clip where g^2 > theta * v). The paper's 5000 assumes beta2 = 0.999:
+    # one clipped step multiplies v by about beta2 + (1 - beta2) * theta (6x there, 251x at beta2 0.95).
+    spam_threshold: float = 5000.0
 
     def validate(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -65,6 +68,8 @@ class OptimConfig:
             raise ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
         if self.grad_clip < 0:
             raise ConfigError(f"optim.grad_clip: must be >= 0 (0 = off), got {self.grad_clip}")
+        if not self.spam_threshold >= 0:
+            raise ConfigError(f"optim.spam_threshold: must be >= 0 (0 = no spike clipping), got {self.spam_threshold}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
         if self.decay not in DECAYS:
@@ -219,8 +224,9 @@ def build_optimizer(model: TinyGPT, cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.name in ("spam", "stable_spam"):
         from seismo.mitigate import optimizers
 
-        factory = optimizers.spam if cfg.name == "spam" else optimizers.stable_spam
-        return factory(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        if cfg.name == "spam":
+            return optimizers.spam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, threshold=cfg.spam_threshold)
+        return optimizers.stable_spam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
