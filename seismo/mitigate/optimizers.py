@@ -84,7 +84,7 @@ import torch
 
 __all__ = [
     "PAPER_DEFAULTS", "MOMENT_KEYS", "spam", "stable_spam", "adabelief", "adamp", "diffgrad", "lamb",
-    "orthograd", "reset_moments", "spam_warmup_multiplier",
+    "orthograd", "reset_moments", "spam_warmup_multiplier", "spam_threshold_for_beta2",
 ]
 
 _ro = types.MappingProxyType
@@ -164,12 +164,28 @@ def _install_exact_warmup(optimizer, args=None, kwargs=None) -> None:
         optimizer.warmup = _SpamWarmup(optimizer.warmup_epoch)
 
 
+def spam_threshold_for_beta2(beta2: float, reference_beta2: float = 0.999, reference_threshold: float = 5000.0) -> float:
+    """The SPAM threshold that inflates v as much at ``beta2`` as the paper's 5000 does at 0.999.
+
+    A coordinate clipped to sqrt(theta v) turns v into beta2 v + (1 - beta2) theta v, i.e. multiplies
+    it by ``beta2 + (1 - beta2) theta``: 6.0 with the paper's (0.999, 5000), 251 at beta2 = 0.95,
+    which shrinks every later update ~16x until v decays again. Solving for the same factor gives
+    101 at beta2 = 0.95 (measured in docs/BENCHMARKS.md, "Injected gradient spikes").
+    """
+    if not (0.0 <= beta2 < 1.0 and 0.0 <= reference_beta2 < 1.0):
+        raise ValueError(f"betas must be in [0, 1), got {beta2} and {reference_beta2}")
+    factor = reference_beta2 + (1.0 - reference_beta2) * reference_threshold
+    return max(0.0, (factor - beta2) / (1.0 - beta2))
+
+
 def spam(params, *, exact_warmup: bool = True, **kw) -> torch.optim.Optimizer:
     """SPAM: Adam with momentum reset every ``update_proj_gap`` steps, spike clipping, post-reset warm-up.
 
     Defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-6, threshold 5000, update_proj_gap (Delta T) 500,
     warmup_epoch (N) 150, grad_accu_steps (N_a) 20. ``exact_warmup`` corrects the library's one-step
-    shift of the warm-up (module docstring).
+    shift of the warm-up (module docstring). The threshold 5000 is calibrated for beta2 = 0.999;
+    with a smaller beta2 use :func:`spam_threshold_for_beta2` (at beta2 = 0.95 the default made
+    x1000 spikes *worse* than plain AdamW in our runs).
     """
     opt = _build("spam", "SPAM", params, kw)
     if exact_warmup:
