@@ -1,7 +1,7 @@
 """Sweep throughput: trials per hour with 1 and 2 local workers and with Ray (2 workers), as a
 ratio to 1 local worker measured in the same run. The goal is >= 0.8 x N for N workers.
 
-    python bench/sweep_scaling.py [--trials 8] [--steps 300] [--rounds 1] [--no-ray]
+    python bench/sweep_scaling.py [--trials 16] [--steps 600] [--rounds 1] [--no-ray]
 
 Every configuration runs the same sweep (``--trials`` learning rates of the ``xs`` TinyGPT, one
 intervention, ``--steps`` steps each: a few seconds per trial) into a fresh run store with
@@ -86,8 +86,8 @@ def run_round(r: int, configs, sweep: SweepConfig, best: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray backend")
     args = ap.parse_args()

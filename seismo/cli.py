@@ -260,7 +260,7 @@ def cmd_sweep(args) -> int:
             progress.update(task, completed=done, running=running)
 
         run_sweep(sweep, store_path, workers=args.workers, backend=args.backend, ray_address=args.ray_address, on_progress=on_progress)
-    rows = load_sweep_results(store_path, sweep.name)
+    rows = load_sweep_results(store_path, sweep.name, keys={t.key for t in trials})  # this grid only, not older runs of the name
     summary = summarize_sweep(rows, sweep.name)
     table = Table(title=f"{sweep.name}: LR sensitivity (Wortsman et al. 2023) per intervention and size")
     for col in ("intervention", "size", "params", "LR sensitivity", "best lr", "diverged", f"max attn logit @ lr {max(sweep.lrs):g}"):

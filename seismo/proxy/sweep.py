@@ -251,12 +251,18 @@ class SweepSummary:
     n_params: dict[str, float]
 
 
-def load_sweep_results(store_path: str | os.PathLike, sweep_name: str) -> list[dict]:
+def load_sweep_results(store_path: str | os.PathLike, sweep_name: str, keys: set[str] | None = None) -> list[dict]:
+    """The finished trials stored under ``sweep_name``, one dict each (the run's meta + run_id, status).
+
+    ``keys`` (trial keys, e.g. ``{t.key for t in expand(sweep)}``) keeps only the trials of that
+    exact grid: a sweep re-run under the same name with other settings (``--set steps=...``, a
+    newer seismo whose configs carry another field) stores new trials next to the old ones."""
     from seismo.report.store import RunStore
 
     with RunStore(store_path) as store:
         return [dict(r.meta, run_id=r.run_id, status=r.status) for r in store.runs()
-                if r.meta.get("sweep") == sweep_name and r.status in ("completed", "diverged")]
+                if r.meta.get("sweep") == sweep_name and r.status in ("completed", "diverged")
+                and (keys is None or r.meta.get("trial_key") in keys)]
 
 
 def summarize_sweep(rows: list[dict], name: str = "") -> SweepSummary:

@@ -251,6 +251,12 @@ def test_rerun_skips_every_finished_trial(tmp_path):
     bigger = run_sweep(tiny_sweep(lrs=[1e-2, 1e-1]), db, workers=1)
     assert len(bigger) == 2
     assert len(load_sweep_results(db, "tiny")) == 4
+    # the same name with other settings stores new trials beside the old; `keys` keeps one grid
+    changed = tiny_sweep(lrs=[1e-2], overrides=TINY_RUN + ["steps=6"])
+    assert len(run_sweep(changed, db, workers=1)) == 2
+    assert len(load_sweep_results(db, "tiny")) == 6
+    rows = load_sweep_results(db, "tiny", keys={t.key for t in expand(changed)})
+    assert len(rows) == 2 and {r["steps_done"] for r in rows} == {6}
 
 
 # --- kill -9 and resume through the real CLI -----------------------------------------------------
