@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,10 @@ class CLIError(Exception):
 def _console():
     from rich.console import Console
 
-    return Console(highlight=False)
+    # Rich wraps tables at 80 columns when the output is not a terminal (a log file, CI): give
+    # them room unless the user set COLUMNS.
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(highlight=False, width=140 if wide else None)
 
 
 def _fmt(x: float, digits: int = 3) -> str:
