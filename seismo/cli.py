@@ -276,7 +276,9 @@ def cmd_sweep(args) -> int:
                       f"{summary.divergence[(iv, size)]:.0%}", _fmt(max(logits), 1) if logits else "n/a")
     console.print(table)
     extra = [k for k in EXTRA_MEASURES if any(k in r for r in rows)]
-    if args.trials or extra:
+    # full-batch sweeps (grokking, edge of stability) are judged by these measures, not by the
+    # loss-vs-LR table: print their trials; for the others, on request
+    if args.trials or any(k in r for r in rows for k in ("final_val_acc", "sharpness_ratio")):
         _print_trials(console, sweep.name, rows, extra)
     if args.predict:
         _print_prediction(console, summary, args.predict)

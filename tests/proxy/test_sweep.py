@@ -512,6 +512,7 @@ def test_cli_quick_preset_table_plots_and_predict_error(tmp_path, capsys):
     text = captured.out
     assert "12 trials (2 interventions x 2 sizes x 3 lrs x 1 seeds)" in text
     assert "qk_layernorm-quick: LR sensitivity (Wortsman et al. 2023)" in text
+    assert "qk_layernorm-quick: trials" not in text  # the per-trial table only with --trials here
     for iv in ("baseline", "qk_norm"):
         for size in ("xs", "s"):
             assert re.search(rf"{iv}\W+{size}\W+[0-9.e+]+\W+[0-9.]+\W+[0-9.e-]+\W+[0-9]+%", text), (iv, size)
