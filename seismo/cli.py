@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="lr x size x intervention sweep with LR sensitivity (resumable)")
     sw.add_argument("sweep", help="a sweep preset name (qk_layernorm, z_loss, warmup, independent_wd, mup, sigma_reparam, seqlen_warmup, spam, grokking, edge_of_stability) or a .toml file")
     sw.add_argument("--quick", action="store_true", help="the preset's small variant (about 2 minutes)")
-    sw.add_argument("--trials", action="store_true", help="also print one line per trial (automatic for presets with extra measures)")
+    sw.add_argument("--trials", action="store_true", help="also print one line per trial with its measures (automatic for grokking and edge_of_stability)")
     sw.add_argument("--workers", type=int, default=None, help="parallel trials (default: number of cores)")
     sw.add_argument("--backend", choices=("local", "ray"), default="local")
     sw.add_argument("--ray-address", default=None, help="connect to an existing Ray cluster (default: start a local one)")
