@@ -46,6 +46,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from _machine import cpu_model, loadavg
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # seismo from this checkout
 
 B, SIZES, N_BATCHES = 128, (784, 128, 64, 10), 16
@@ -153,19 +155,6 @@ class SeismoDefaultLoop(SeismoLoop):
     preset = "default"
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:

@@ -42,6 +42,7 @@ from _detection_runs import (  # noqa: E402
 )
 from _detection_score import TOL, Score, combine, match  # noqa: E402
 from _detection_series import Series, make_set  # noqa: E402
+from _machine import cpu_model  # noqa: E402
 
 from seismo.diagnose.detectors import GrowthDetector, SpikeDetector, default_detectors  # noqa: E402
 from seismo.diagnose.engine import diagnose_history  # noqa: E402
@@ -511,15 +512,7 @@ def print_tables(tables) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs (nproc), {cpu}, torch {torch.__version__}, Python {platform.python_version()}"
+    return f"{os.cpu_count()} CPUs (nproc), {cpu_model()}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def write_docs(text: str) -> None:

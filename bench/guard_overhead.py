@@ -23,7 +23,6 @@ Goal: <= 1.03.
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 import warnings
@@ -32,6 +31,8 @@ import torch
 
 from seismo.mitigate.guard import Guard, _atomic_save
 from seismo.proxy.model import GPTConfig, TinyGPT
+
+from _machine import cpu_model, loadavg
 
 D, L, H, T, B, V = 128, 2, 4, 128, 32, 256
 
@@ -42,16 +43,6 @@ def build():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     return model, opt
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -135,13 +126,9 @@ def main() -> None:
     n_params = sum(p.numel() for p in guard_model.parameters())
     tmp.cleanup()
 
-    try:
-        load = open("/proc/loadavg").read().split()[:3]
-    except OSError:
-        load = ["?"]
     n = args.steps * args.rounds
     cfg = guard.config
-    print(f"CPU: {cpu_model()} | torch {torch.__version__} | threads {torch.get_num_threads()} | load avg {' '.join(load)}")
+    print(f"CPU: {cpu_model()} | torch {torch.__version__} | threads {torch.get_num_threads()} | load avg {loadavg()}")
     print(f"model: d={D} L={L} H={H} T={T} B={B} V={V}, {n_params:,} params; AdamW (wd 0.1)")
     print(f"Guard: policy rollback, skip_mode {guard.skip_mode}, interval {cfg.interval}, ring {cfg.ring_size}, "
           f"disk every {cfg.disk_interval}, window {cfg.window}")

@@ -58,6 +58,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from _machine import cpu_model, loadavg
+
 D, L, H, T, B, V = 128, 2, 4, 128, 32, 256
 PROBE_B = 4
 MODELS = ("tinygpt", "gpt2-sdpa", "gpt2-eager")
@@ -241,22 +243,6 @@ def amortized(loop: Loop, clock: str) -> tuple[float, dict[str, tuple[int, float
 
 
 # --- reporting ------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def median_of(loop: Loop, clock: str) -> float:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import time
 
 import torch
@@ -21,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seismo.proxy.model import GPTConfig, TinyGPT
+
+from _machine import cpu_model, loadavg
 
 D, L, H, T, B, V = 128, 2, 4, 128, 32, 256
 
@@ -97,16 +98,6 @@ def time_steps(step, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -133,11 +124,7 @@ def main() -> None:
         for name in order if r % 2 == 0 else order[::-1]:  # alternate who goes first
             best[name] = min(best[name], time_steps(steps[name], args.steps))
 
-    try:
-        load = open("/proc/loadavg").read().split()[:3]
-    except OSError:
-        load = ["?"]
-    print(f"CPU: {cpu_model()} | torch {torch.__version__} | threads {torch.get_num_threads()} | load avg {' '.join(load)}")
+    print(f"CPU: {cpu_model()} | torch {torch.__version__} | threads {torch.get_num_threads()} | load avg {loadavg()}")
     print(f"model: d={D} L={L} H={H} T={T} B={B} V={V}; params seismo {n_seismo:,} / reference {n_ref:,}")
     print(f"fwd+bwd+AdamW, best of {args.rounds} rounds x {args.steps} steps (after {args.warmup} warm-up steps)")
     for name, secs in best.items():

@@ -33,16 +33,8 @@ import torch
 from seismo.proxy.sweep import SweepConfig, run_sweep
 from seismo.proxy.sweep_presets import SIZES
 
+from _machine import cpu_model, loadavg
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_sweep(n_trials: int, steps: int) -> SweepConfig:
@@ -102,9 +94,8 @@ def main() -> None:
             configs.append(("ray", 2))
         except ImportError:
             pass
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"nproc {os.cpu_count()} | CPU: {cpu_model()} | torch {torch.__version__} | ray {ray_version} | "
-          f"Python {platform.python_version()} | load avg before: {load}")
+          f"Python {platform.python_version()} | load avg before: {loadavg()}")
     sweep = make_sweep(args.trials, args.steps)
     print(f"sweep: {args.trials} trials (xs TinyGPT, {args.steps} steps, batch 8, T=32, one torch thread per trial), "
           f"best of {args.rounds} round(s)")
@@ -128,7 +119,7 @@ def main() -> None:
         ratio, steady_ratio = m["per_hour"] / base["per_hour"], m["steady_per_hour"] / base["steady_per_hour"]
         print(f"{backend:<8}{workers:>8}{m['wall']:>9.1f}{m['per_hour']:>10.0f}{ratio:>11.2f}x{m['steady_per_hour']:>17.0f}"
               f"{steady_ratio:>11.2f}x{0.8 * workers:>13.1f}x")
-    print(f"load avg after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load avg after: {loadavg()}")
 
 
 if __name__ == "__main__":
