@@ -117,9 +117,11 @@ class AdamProbe:
                         # sparse-momentum optimizers (SPAM's `density`) keep the moments of the
                         # coordinates in a boolean `mask` only, flattened
                         mask = st.get("mask")
-                        if not (isinstance(mask, Tensor) and mask.shape == g.shape and r.numel() == g[mask].numel()):
+                        if not (isinstance(mask, Tensor) and mask.shape == g.shape):
                             continue
                         g, r = g[mask], r.reshape(-1)
+                        if g.numel() != r.numel():
+                            continue
                     dot = dot + (r * g).sum()
                     gsq = gsq + g.pow(2).sum()
         if not seen:

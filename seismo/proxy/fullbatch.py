@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from seismo.proxy.config import from_dict, to_dict
 from seismo.proxy.model import ConfigError
-from seismo.proxy.train import RunResult
+from seismo.proxy.train import RunResult, final_loss, first_nonfinite_step
 
 __all__ = ["FullBatchConfig", "train_fullbatch", "build_mlp", "modular_tensors", "regression_tensors"]
 
@@ -228,10 +228,9 @@ def train_fullbatch(cfg: FullBatchConfig) -> RunResult:
             monitor.step(loss)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            window = losses[max(0, done - cfg.log_every): done]
-            bad = ~torch.isfinite(window)
-            if bool(bad.any()):
-                status, diverged_at = "diverged", max(0, done - cfg.log_every) + int(bad.nonzero()[0, 0])
+            diverged_at = first_nonfinite_step(losses, max(0, done - cfg.log_every), done)
+            if diverged_at is not None:
+                status = "diverged"
                 break
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
             vals = _evaluate(model, data, loss_fn, cfg.task)
@@ -241,8 +240,7 @@ def train_fullbatch(cfg: FullBatchConfig) -> RunResult:
 
     steps_done = step + 1
     train_loss = losses[:steps_done].numpy()
-    tail = train_loss[max(0, steps_done - 20):]
-    final_train = float(np.mean(tail)) if len(tail) and np.all(np.isfinite(tail)) else math.nan
+    final_train = final_loss(train_loss)
     final_val = val_losses[-1][1] if status == "completed" and val_losses else math.nan
     history: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     run_id = None
@@ -261,10 +259,10 @@ def train_fullbatch(cfg: FullBatchConfig) -> RunResult:
 @torch.no_grad()
 def _evaluate(model: nn.Module, data, loss_fn, task: str) -> dict[str, float]:
     out = {}
-    for split, prefix in (("train", "train"), ("val", "val")):
+    for split in ("train", "val"):
         x, y = data[split]
         z = model(x)
-        out[f"{prefix}/loss"] = float(loss_fn(z, y))
+        out[f"{split}/loss"] = float(loss_fn(z, y))
         if task == "modular":
-            out[f"{prefix}/acc"] = float((z.argmax(-1) == y).float().mean())
+            out[f"{split}/acc"] = float((z.argmax(-1) == y).float().mean())
     return out

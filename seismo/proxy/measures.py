@@ -97,7 +97,7 @@ def first_step_at_or_above(steps: Sequence[int], values: Sequence[float], level:
     return None
 
 
-def sharpness_ratio(steps: Sequence[int], eig: Sequence[float], threshold: Sequence[float], tail: float = 0.5) -> tuple[float, float]:
+def sharpness_ratio(eig: Sequence[float], threshold: Sequence[float], tail: float = 0.5) -> tuple[float, float]:
     """(median, max) of top Hessian eigenvalue / stability threshold over the last ``tail`` of the
     probes. At the edge of stability (Cohen et al. 2021, arXiv 2103.00065) the median sits near 1:
     full-batch GD raises sharpness until it reaches 2/lr and then stays there."""
@@ -132,9 +132,7 @@ def trial_measures(history: dict, grok_level: float = 0.95) -> dict[str, float |
         out["max_softmax_collapse"] = float(np.nanmax(v)) if np.isfinite(v).any() else math.nan
     if "hessian/max_eig" in history and "hessian/threshold" in history:
         (s1, e), (s2, t) = history["hessian/max_eig"], history["hessian/threshold"]
-        tmap = dict(zip(np.asarray(s2).tolist(), np.asarray(t).tolist()))
-        pairs = [(s, x, tmap[s]) for s, x in zip(np.asarray(s1).tolist(), np.asarray(e).tolist()) if s in tmap]
-        if pairs:
-            med, mx = sharpness_ratio([p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs])
-            out["sharpness_ratio"], out["max_sharpness_ratio"] = med, mx
+        common, i1, i2 = np.intersect1d(s1, s2, return_indices=True)  # steps with both values
+        if len(common):
+            out["sharpness_ratio"], out["max_sharpness_ratio"] = sharpness_ratio(np.asarray(e)[i1], np.asarray(t)[i2])
     return out

@@ -212,6 +212,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def first_nonfinite_step(losses: torch.Tensor, start: int, stop: int) -> int | None:
+    """The first step in ``[start, stop)`` whose recorded loss is not finite, else None.
+
+    ``losses`` holds one loss per step, on the training device; one host sync per call, which the
+    loops make once every ``log_every`` steps."""
+    bad = ~torch.isfinite(losses[start:stop])
+    return start + int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
+
+
+def final_loss(train_loss: np.ndarray, last: int = 20) -> float:
+    """Mean of the last ``last`` recorded losses: a run's final train loss (nan if any is not finite)."""
+    tail = train_loss[max(0, len(train_loss) - last):]
+    return float(np.mean(tail)) if len(tail) and np.all(np.isfinite(tail)) else math.nan
+
+
 def build_optimizer(model: TinyGPT, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The optimizer ``cfg.name`` over weight-decay (or muP) parameter groups."""
     wd = independent_weight_decay(cfg.weight_decay, cfg.lr) if cfg.independent_wd else cfg.weight_decay
@@ -346,13 +361,11 @@ def train(
         # 3. every log_every steps: one host sync, divergence check, progress
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            window = losses[max(0, done - cfg.log_every) : done]
-            finite = torch.isfinite(window)
-            if not bool(finite.all()):
-                status = "diverged"
-                diverged_at = max(0, done - cfg.log_every) + int((~finite).nonzero()[0, 0])
+            bad_step = first_nonfinite_step(losses, max(0, done - cfg.log_every), done)
+            if bad_step is not None:
+                status, diverged_at = "diverged", bad_step
             if on_log is not None:
-                info = dict(loss=float(window[-1]), lr=lr, seq_len=cur_len)
+                info = dict(loss=float(losses[step]), lr=lr, seq_len=cur_len)
                 if monitor is not None:
                     monitor.flush()  # no-op when the flush interval just fired
                     info["attn_logit_max"] = monitor.latest("attn/logit_max/")
@@ -384,8 +397,7 @@ def train(
         _checkpoint(ckpt_path, model, optimizer, steps_done, losses, val_losses, run_id, monitor)
 
     train_loss = losses[:steps_done].cpu().numpy()
-    tail = train_loss[max(0, steps_done - 20) :]
-    final_train = float(np.mean(tail)) if len(tail) and np.all(np.isfinite(tail)) else math.nan
+    final_train = final_loss(train_loss)
     final_val = val_losses[-1][1] if status == "completed" and val_losses else math.nan
     history: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if monitor is not None:
