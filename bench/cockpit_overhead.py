@@ -45,7 +45,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-
 from _machine import cpu_model, loadavg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # seismo from this checkout
@@ -168,9 +167,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     try:
+        from importlib.metadata import version
+
         import backpack
         import cockpit
-        from importlib.metadata import version
 
         versions = f"cockpit-for-pytorch {version('cockpit-for-pytorch')}, backpack-for-pytorch {version('backpack-for-pytorch')}"
     except Exception as exc:  # report, do not fake numbers

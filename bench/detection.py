@@ -37,8 +37,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _detection_peers import PEER_RULES  # noqa: E402
 from _detection_runs import (  # noqa: E402
-    CACHE, Case, History, degradation_onset, eos_mlp, first_at_or_above, first_nonfinite_loss, load_or_build,
-    loss_jump_after, modular_mlp, proxy_run, sharpness_crossing, tiny_loop, visible,
+    CACHE,
+    Case,
+    History,
+    degradation_onset,
+    eos_mlp,
+    first_at_or_above,
+    first_nonfinite_loss,
+    load_or_build,
+    loss_jump_after,
+    modular_mlp,
+    proxy_run,
+    sharpness_crossing,
+    tiny_loop,
+    visible,
 )
 from _detection_score import TOL, Score, combine, match  # noqa: E402
 from _detection_series import Series, make_set  # noqa: E402

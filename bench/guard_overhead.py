@@ -28,11 +28,10 @@ import time
 import warnings
 
 import torch
+from _machine import cpu_model, loadavg
 
 from seismo.mitigate.guard import Guard, _atomic_save
 from seismo.proxy.model import GPTConfig, TinyGPT
-
-from _machine import cpu_model, loadavg
 
 D, L, H, T, B, V = 128, 2, 4, 128, 32, 256
 

@@ -57,7 +57,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-
 from _machine import cpu_model, loadavg
 
 D, L, H, T, B, V = 128, 2, 4, 128, 32, 256

@@ -18,10 +18,9 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _machine import cpu_model, loadavg
 
 from seismo.proxy.model import GPTConfig, TinyGPT
-
-from _machine import cpu_model, loadavg
 
 D, L, H, T, B, V = 128, 2, 4, 128, 32, 256
 

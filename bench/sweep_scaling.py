@@ -29,12 +29,10 @@ import time
 from pathlib import Path
 
 import torch
+from _machine import cpu_model, loadavg
 
 from seismo.proxy.sweep import SweepConfig, run_sweep
 from seismo.proxy.sweep_presets import SIZES
-
-from _machine import cpu_model, loadavg
-
 
 
 def make_sweep(n_trials: int, steps: int) -> SweepConfig:

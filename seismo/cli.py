@@ -218,7 +218,7 @@ def cmd_train(args) -> int:
 def cmd_runs(args) -> int:
     from rich.table import Table
 
-    from seismo.report.store import RunStore
+    from seismo.store import RunStore
 
     path = Path(args.store)
     if not path.exists():
@@ -404,8 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from seismo.proxy.model import ConfigError
-    from seismo.report.store import StoreError
+    from seismo.errors import ConfigError
+    from seismo.store import StoreError
 
     args = build_parser().parse_args(argv)
     try:

@@ -9,12 +9,10 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
 from seismo.cli import main
 from seismo.proxy.presets import PRESETS
-from seismo.report.store import RunStore
-
+from seismo.store import RunStore
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

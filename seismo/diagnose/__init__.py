@@ -4,12 +4,19 @@ See docs/DIAGNOSE.md.
 """
 
 from seismo.diagnose.detectors import (
-    AdamDecorrelationDetector, Detector, EdgeOfStabilityDetector, GrowthDetector, NonFiniteDetector,
-    SpikeDetector, StallDetector, ThresholdDetector, default_detectors,
+    AdamDecorrelationDetector,
+    Detector,
+    EdgeOfStabilityDetector,
+    GrowthDetector,
+    NonFiniteDetector,
+    SpikeDetector,
+    StallDetector,
+    ThresholdDetector,
+    default_detectors,
 )
 from seismo.diagnose.engine import AlertPrinter, Diagnoser, Diagnosis, diagnose_history, diagnose_run
-from seismo.diagnose.events import KINDS, Event
 from seismo.diagnose.playbook import PLAYBOOK, Mitigation, mitigations_for
+from seismo.events import KINDS, Event
 
 __all__ = [
     "Event", "KINDS", "Detector", "SpikeDetector", "GrowthDetector", "ThresholdDetector", "NonFiniteDetector",

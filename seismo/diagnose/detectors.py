@@ -15,8 +15,9 @@ from typing import Iterable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
-from seismo.diagnose.events import Event
+from seismo._stats import MAD_TO_SIGMA
 from seismo.diagnose.stats import RobustWindow, TrendFit
+from seismo.events import Event
 
 __all__ = [
     "Detector", "SpikeDetector", "GrowthDetector", "NonFiniteDetector", "ThresholdDetector",
@@ -131,7 +132,7 @@ class SpikeDetector:
             if w is None or len(w) < 4 or not (math.isfinite(v) and v > 0):
                 continue
             med, mad = w.median_mad()
-            z = (math.log(v) - med) / max(1.4826 * mad, 0.05)  # at least a 5% log-scale floor
+            z = (math.log(v) - med) / max(MAD_TO_SIGMA * mad, 0.05)  # at least a 5% log-scale floor
             if z > best_z:
                 best, best_z = m, z
         return best, best_z

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -11,8 +10,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from seismo.diagnose.detectors import Detector, default_detectors
-from seismo.diagnose.events import Event
 from seismo.diagnose.playbook import CAUSES, PRIORITY, mitigations_for
+from seismo.events import Event
 
 __all__ = ["Diagnoser", "Diagnosis", "diagnose_history", "diagnose_run", "AlertPrinter"]
 
@@ -166,7 +165,7 @@ def summarize(events: list[Event], run: str, signals: list[str] | None = None) -
 def diagnose_run(store_path: str, run: str | int, replay: bool = True) -> Diagnosis:
     """Diagnose a stored run. With ``replay`` the stored signals are run through today's
     detectors; otherwise the events stored during the run are used."""
-    from seismo.report.store import load_run
+    from seismo.store import load_run
 
     data = load_run(store_path, run)
     label = f"{data.info.name} (id {data.info.run_id})"

@@ -7,6 +7,8 @@ from collections import deque
 
 import numpy as np
 
+from seismo._stats import MAD_TO_SIGMA
+
 __all__ = ["RobustWindow", "TrendFit"]
 
 
@@ -38,21 +40,21 @@ class RobustWindow:
 
     def level_and_noise(self, recent: int = 16) -> tuple[float, float]:
         """(level, noise): the median of the last ``recent`` values, and the noise scale
-        1.4826 * MAD(first differences) / sqrt(2) over the whole window. Differencing removes a
+        MAD_TO_SIGMA * MAD(first differences) / sqrt(2) over the whole window. Differencing removes a
         slow trend (a decaying loss), which would otherwise inflate the MAD and hide spikes."""
         a = np.fromiter(self.values, dtype=np.float64)
         level = float(np.median(a[-recent:]))
         if len(a) < 3:
             return level, 0.0
         d = np.diff(a)
-        noise = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0)
+        noise = MAD_TO_SIGMA * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0)
         return level, noise
 
     def zscore(self, x: float, floor_rel: float = 1e-3) -> float:
         """Robust z-score of ``x``: (x - median) / (1.4826 MAD), with the scale floored at
         ``floor_rel * |median|`` so a perfectly flat history does not make every wiggle a spike."""
         med, mad = self.median_mad()
-        scale = max(1.4826 * mad, floor_rel * abs(med), 1e-12)
+        scale = max(MAD_TO_SIGMA * mad, floor_rel * abs(med), 1e-12)
         return (x - med) / scale
 
     def state_dict(self) -> dict:

@@ -1,8 +1,8 @@
 """Stabilizers from the literature as drop-in parts. See docs/MITIGATE.md."""
 
 from seismo.mitigate import optimizers, transforms
-from seismo.mitigate.guard import Guard, GuardConfig, GuardGaveUp
 from seismo.mitigate.blocks import PeriLNResidual, ResPostNormResidual, ScaledCosineAttention
+from seismo.mitigate.guard import Guard, GuardConfig, GuardGaveUp
 from seismo.mitigate.losses import StableMax, stablemax, stablemax_cross_entropy, z_loss
 from seismo.mitigate.model_edits import QKNorm, SigmaReparam, apply_sigma_reparam
 from seismo.mitigate.param_groups import decay_groups, independent_weight_decay, mup_param_groups

@@ -86,7 +86,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from seismo.diagnose.events import Event
+from seismo._io import atomic_torch_save, atomic_write_json
+from seismo._stats import MAD_TO_SIGMA
+from seismo.events import Event
 
 __all__ = [
     "Guard", "GuardConfig", "GuardGaveUp", "GuardWarning", "GUARD_KINDS", "POLICIES", "SKIP_MODES", "REASONS",
@@ -261,7 +263,7 @@ class _SpikeWindow:
         _, min_jump, active = self._consts
         med = torch.nanmedian(self.buf, dim=1).values
         mad = torch.nanmedian((self.buf - med[:, None]).abs(), dim=1).values
-        scale = torch.maximum(1.4826 * mad, 1e-3 * med.abs()).clamp_min(1e-12)
+        scale = torch.maximum(MAD_TO_SIGMA * mad, 1e-3 * med.abs()).clamp_min(1e-12)
         dev = vals - med
         z = dev / scale
         spike = (self.count >= self.warmup) & active & (z > self.z) & (dev > min_jump * med.abs())
@@ -295,58 +297,6 @@ class _SpikeWindow:
         device = self.buf.device if self.buf is not None else torch.device("cpu")
         self.buf = state["buf"].to(device, copy=True)
         self.count = state["count"].to(device, copy=True).long()
-
-
-# --- files ------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same directory, fsync, ``os.replace``, fsync the
-    directory. A crash at any point leaves the old file or the new one, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, (set, frozenset)):
-        return sorted(o)
-    return str(o)
 
 
 def _finite_or_str(x: Any) -> Any:
@@ -436,7 +386,7 @@ class _DiskWriter:
                     return
                 path, payload = item
                 try:
-                    _atomic_save(payload, path)
+                    atomic_torch_save(payload, path)
                     self.written += 1
                     self._prune()
                 except Exception as exc:  # noqa: BLE001 - a full disk must not kill training
@@ -1075,7 +1025,7 @@ class Guard:
                 self.monitor.events.extend(events)
             elif self._store_arg is not None:
                 if self._store is None:
-                    from seismo.report.store import RunStore
+                    from seismo.store import RunStore
 
                     arg = self._store_arg
                     self._store = arg if isinstance(arg, RunStore) else RunStore(arg)
@@ -1187,4 +1137,4 @@ class Guard:
             "gave_up": gave_up,
             "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        _atomic_write_json(self.ckpt_dir / TRACKER_NAME, data)
+        atomic_write_json(self.ckpt_dir / TRACKER_NAME, data)

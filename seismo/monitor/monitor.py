@@ -183,7 +183,7 @@ class Monitor:
         self._writer = None
         self._store = None
         if store is not None and self.rank == 0:
-            from seismo.report.store import AsyncWriter, RunStore
+            from seismo.store import AsyncWriter, RunStore
 
             self._store = store if isinstance(store, RunStore) else RunStore(store)
             if run_id is not None:  # resuming: keep writing into the same run

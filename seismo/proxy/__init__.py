@@ -1,7 +1,8 @@
 """Small-scale proxy lab: TinyGPT, embedded data, the training loop and presets."""
 
+from seismo.errors import ConfigError
 from seismo.proxy.data import DataConfig, load_dataset
-from seismo.proxy.model import ConfigError, GPTConfig, TinyGPT
+from seismo.proxy.model import GPTConfig, TinyGPT
 from seismo.proxy.presets import PRESETS, get_preset
 from seismo.proxy.train import OptimConfig, RunResult, SeqlenWarmupConfig, TrainConfig, train
 

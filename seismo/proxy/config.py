@@ -12,7 +12,7 @@ import dataclasses
 import typing
 from typing import Any
 
-from seismo.proxy.model import ConfigError
+from seismo.errors import ConfigError
 
 __all__ = ["apply_overrides", "set_field", "to_dict", "from_dict", "ConfigError"]
 

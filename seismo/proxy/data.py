@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from seismo.proxy.model import ConfigError
+from seismo.errors import ConfigError
 
 __all__ = ["DataConfig", "Dataset", "TokenDataset", "ModularDataset", "load_dataset", "stdlib_corpus"]
 

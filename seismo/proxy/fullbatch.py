@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seismo.errors import ConfigError
 from seismo.proxy.config import from_dict, to_dict
-from seismo.proxy.model import ConfigError
 from seismo.proxy.train import RunResult, final_loss, first_nonfinite_step
 
 __all__ = ["FullBatchConfig", "train_fullbatch", "build_mlp", "modular_tensors", "regression_tensors"]

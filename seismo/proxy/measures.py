@@ -4,10 +4,11 @@ divergence rate, and the size-scaling fits used to predict instability before it
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from seismo._stats import PowerLaw, fit_power_law
 
 __all__ = [
     "lr_sensitivity", "optimal_lr", "divergence_rate", "PowerLaw", "fit_power_law", "predict_unstable_lrs",
@@ -43,32 +44,6 @@ def optimal_lr(lrs: Sequence[float], losses: Sequence[float], init_loss: float =
 
 def divergence_rate(statuses: Sequence[str]) -> float:
     return float(np.mean([s == "diverged" for s in statuses])) if statuses else math.nan
-
-
-@dataclass(frozen=True)
-class PowerLaw:
-    """y = exp(intercept) * x ** exponent, fitted in log-log space."""
-
-    exponent: float
-    intercept: float
-    r2: float
-
-    def __call__(self, x: float | np.ndarray) -> float | np.ndarray:
-        return np.exp(self.intercept) * np.asarray(x, dtype=np.float64) ** self.exponent
-
-
-def fit_power_law(x: Sequence[float], y: Sequence[float]) -> PowerLaw:
-    """Least squares on (log x, log y); needs at least two points with positive finite values."""
-    xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    ok = np.isfinite(xa) & np.isfinite(ya) & (xa > 0) & (ya > 0)
-    if ok.sum() < 2:
-        raise ValueError("a power-law fit needs at least two positive points")
-    lx, ly = np.log(xa[ok]), np.log(ya[ok])
-    b, a = np.polyfit(lx, ly, 1)
-    pred = a + b * lx
-    tot = ((ly - ly.mean()) ** 2).sum()
-    r2 = 1.0 - ((ly - pred) ** 2).sum() / tot if tot > 0 else 1.0
-    return PowerLaw(float(b), float(a), float(r2))
 
 
 def predict_unstable_lrs(

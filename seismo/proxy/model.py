@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from seismo.errors import ConfigError
 from seismo.mitigate.losses import stablemax_cross_entropy
 from seismo.mitigate.model_edits import (
     COSINE_SCALE_INIT,
@@ -48,10 +49,6 @@ ATTENTIONS = ("softmax", "cosine")
 OUTPUTS = ("softmax", "stablemax")
 PARAMETRIZATIONS = ("standard", "mup")
 GAMMA_INITS = ("sigma0", "one")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
 
 
 @dataclass

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from seismo.errors import ConfigError
 from seismo.proxy.fullbatch import FullBatchConfig
-from seismo.proxy.model import ConfigError
 from seismo.proxy.train import TrainConfig
 
 __all__ = ["PRESETS", "get_preset", "preset_names"]

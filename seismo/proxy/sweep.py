@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from seismo.errors import ConfigError
 from seismo.proxy.config import apply_overrides
-from seismo.proxy.model import ConfigError
 
 __all__ = ["SweepConfig", "Trial", "expand", "run_sweep", "load_sweep_results", "load_sweep_file", "SweepSummary", "summarize_sweep"]
 
@@ -212,7 +212,7 @@ def run_sweep(
 
     ``on_progress(done, total, running, trial)`` is called as trials finish.
     """
-    from seismo.report.store import RunStore
+    from seismo.store import RunStore
 
     if backend not in BACKENDS:
         raise ConfigError(f"backend: must be one of {BACKENDS}, got {backend!r}")
@@ -257,7 +257,7 @@ def load_sweep_results(store_path: str | os.PathLike, sweep_name: str, keys: set
     ``keys`` (trial keys, e.g. ``{t.key for t in expand(sweep)}``) keeps only the trials of that
     exact grid: a sweep re-run under the same name with other settings (``--set steps=...``, a
     newer seismo whose configs carry another field) stores new trials next to the old ones."""
-    from seismo.report.store import RunStore
+    from seismo.store import RunStore
 
     with RunStore(store_path) as store:
         return [dict(r.meta, run_id=r.run_id, status=r.status) for r in store.runs()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from seismo.proxy.model import ConfigError
+from seismo.errors import ConfigError
 from seismo.proxy.sweep import SweepConfig
 
 __all__ = ["SWEEP_PRESETS", "get_sweep_preset", "SIZES"]

@@ -18,13 +18,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from seismo._io import atomic_torch_save, atomic_write_json
+from seismo.errors import ConfigError
 from seismo.mitigate.losses import z_loss
 from seismo.mitigate.param_groups import decay_groups, independent_weight_decay, mup_param_groups
 from seismo.mitigate.schedules import lr_at, seqlen_warmup
 from seismo.monitor import PRESETS, Monitor
 from seismo.proxy.config import from_dict, to_dict
 from seismo.proxy.data import DataConfig, load_dataset
-from seismo.proxy.model import ConfigError, GPTConfig, TinyGPT
+from seismo.proxy.model import GPTConfig, TinyGPT
 
 __all__ = ["OptimConfig", "SeqlenWarmupConfig", "TrainConfig", "RunResult", "train", "save_checkpoint", "load_checkpoint"]
 
@@ -196,15 +198,10 @@ class RunResult:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write ``state`` atomically: a temporary file, fsync, then rename over ``path``."""
+    """Write ``state`` atomically (see :func:`seismo._io.atomic_write`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_torch_save(state, path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -438,16 +435,4 @@ def _checkpoint(path, model, optimizer, step, losses, val_losses, run_id, monito
 
 
 def _write_json(path: Path, data: dict) -> None:
-    import json
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=True))
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, tuple):
-        return list(o)
-    return str(o)
+    atomic_write_json(path, data)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from seismo._stats import fit_power_law
 from seismo.report.plots import _pyplot
+from seismo.store import RunStore
 
 __all__ = ["plot_sweep", "plot_trial_curves"]
 
@@ -77,7 +79,6 @@ def plot_sweep(summary, out_dir: str | os.PathLike, fit_lr: float | None = None)
     paths += _finish(plt, fig, out_dir / "lr_sensitivity_vs_size")
 
     # 3. max attention logit vs size at one LR, with the power-law fit
-    from seismo.proxy.measures import fit_power_law
 
     lr = fit_lr if fit_lr is not None else max(r["lr"] for r in rows)
     if not any(r["lr"] == lr and np.isfinite(r.get("max_attn_logit", np.nan)) for r in rows):
@@ -115,7 +116,6 @@ def plot_trial_curves(store_path: str | os.PathLike, rows: list[dict], out_dir: 
       stability, Cohen et al. 2021), when they recorded ``hessian/max_eig``.
 
     Returns the written paths (none when no trial has such signals)."""
-    from seismo.report.store import RunStore
 
     plt = _pyplot()
     out_dir = Path(out_dir)

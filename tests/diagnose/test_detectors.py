@@ -8,8 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seismo.diagnose import (
-    KINDS, AdamDecorrelationDetector, Diagnoser, EdgeOfStabilityDetector, GrowthDetector, NonFiniteDetector,
-    SpikeDetector, StallDetector, ThresholdDetector, default_detectors,
+    KINDS,
+    AdamDecorrelationDetector,
+    Diagnoser,
+    EdgeOfStabilityDetector,
+    GrowthDetector,
+    NonFiniteDetector,
+    SpikeDetector,
+    StallDetector,
+    ThresholdDetector,
+    default_detectors,
 )
 from seismo.diagnose.stats import RobustWindow, TrendFit
 

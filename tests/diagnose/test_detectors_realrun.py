@@ -24,7 +24,6 @@ from seismo.proxy.data import DataConfig, ModularDataset, load_dataset
 from seismo.proxy.model import GPTConfig, TinyGPT
 from seismo.proxy.presets import get_preset
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

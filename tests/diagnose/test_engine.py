@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from seismo.cli import main
-from seismo.diagnose import Diagnoser, diagnose_run
+from seismo.diagnose import diagnose_run
 from seismo.proxy.presets import tiny
 from seismo.proxy.train import train
 
@@ -54,9 +54,10 @@ def test_cli_diagnose_bad_input(tmp_path, capsys, unstable_run):
 
 
 def test_monitor_runs_detectors_live_and_rate_limits_alerts(capsys):
+    from rich.console import Console
+
     from seismo import Monitor
     from seismo.diagnose.engine import AlertPrinter
-    from rich.console import Console
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))

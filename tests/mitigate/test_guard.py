@@ -33,7 +33,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seismo.mitigate.guard import (
-    GUARD_KINDS, TRACKER_NAME, Guard, GuardConfig, GuardGaveUp, GuardWarning, _SpikeWindow, data_index,
+    GUARD_KINDS,
+    TRACKER_NAME,
+    Guard,
+    GuardConfig,
+    GuardGaveUp,
+    GuardWarning,
+    _SpikeWindow,
+    data_index,
 )
 
 MODES = ("sync", "mask", "fused")

@@ -437,9 +437,9 @@ def test_spam_threshold_matched_to_beta2():
 
 
 def test_train_passes_the_spam_threshold():
+    from seismo.proxy.model import ConfigError, TinyGPT
     from seismo.proxy.presets import get_preset
     from seismo.proxy.train import build_optimizer
-    from seismo.proxy.model import TinyGPT, ConfigError
 
     cfg = get_preset("tiny")
     cfg.optim.name, cfg.optim.spam_threshold = "spam", 101.0

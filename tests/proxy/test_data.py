@@ -12,7 +12,6 @@ import torch
 from seismo.proxy.data import DataConfig, ModularDataset, TokenDataset, load_dataset, stdlib_corpus
 from seismo.proxy.model import ConfigError
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

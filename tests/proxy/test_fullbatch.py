@@ -20,7 +20,6 @@ from seismo.proxy.presets import get_preset
 from seismo.proxy.sweep import expand, run_trial
 from seismo.proxy.sweep_presets import get_sweep_preset
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -21,7 +21,6 @@ from seismo.mitigate.param_groups import mup_param_groups
 from seismo.proxy.model import ConfigError, GPTConfig, TinyGPT
 from seismo.proxy.train import OptimConfig, build_optimizer
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

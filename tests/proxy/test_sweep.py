@@ -34,7 +34,7 @@ from seismo.cli import main
 from seismo.proxy.model import ConfigError
 from seismo.proxy.sweep import SweepConfig, expand, load_sweep_file, load_sweep_results, run_sweep
 from seismo.proxy.sweep_presets import SIZES
-from seismo.report.store import RunStore
+from seismo.store import RunStore
 
 # A training run of a fraction of a second: the quick presets' settings, smaller.
 TINY_RUN = ["steps=10", "batch_size=8", "model.block_size=32", "optim.warmup_steps=2", "eval_every=0", "eval_batches=2",

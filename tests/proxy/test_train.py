@@ -10,9 +10,8 @@
 
 from __future__ import annotations
 
-import math
-
 import importlib
+import math
 
 import numpy as np
 import pytest
@@ -24,7 +23,6 @@ from seismo.proxy.data import load_dataset
 from seismo.proxy.model import ConfigError, GPTConfig, TinyGPT
 from seismo.proxy.presets import PRESETS, get_preset
 from seismo.proxy.train import OptimConfig, TrainConfig, build_optimizer, load_checkpoint, train
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,4 +1,4 @@
-"""Tests for the SQLite run store (seismo.report.store)."""
+"""Tests for the SQLite run store (seismo.store)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from seismo.report.store import (
+from seismo.store.store import (
     APPLICATION_ID,
     SCHEMA_VERSION,
     AsyncWriter,
@@ -413,7 +413,7 @@ _KILL_CHILD = textwrap.dedent(
     """
     import sys
     import time
-    from seismo.report.store import AsyncWriter, RunStore
+    from seismo.store.store import AsyncWriter, RunStore
     path, mode = sys.argv[1], sys.argv[2]
     store = RunStore(path)
     run = store.create_run("victim")

@@ -1,11 +1,24 @@
-"""Events: what a detector says happened, with evidence and advice."""
+"""Events and the two Protocols through which the layers above meet.
+
+- :class:`Event`: what a detector (or the Guard) says happened, with evidence and advice.
+- :class:`RecordSink`: receives flushed records, a batch per flush. It may return new events
+  (a detector does), which the caller hands to every :class:`EventSink`.
+- :class:`EventSink`: receives events.
+
+A sink may implement either or both, and may have ``flush()`` and ``close()``; whoever fans
+out to sinks (the Monitor, the Guard) calls them when present. The run store, the detectors, the
+live alert printer and the TensorBoard / W&B / MLflow sinks are all sinks.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
-__all__ = ["Event", "SEVERITIES", "KINDS"]
+__all__ = ["Event", "SEVERITIES", "KINDS", "Record", "RecordSink", "EventSink"]
+
+#: One flushed step: (step, {signal name: value}).
+Record = tuple[int, Mapping[str, float]]
 
 SEVERITIES = ("info", "warning", "critical")
 
@@ -51,3 +64,17 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@runtime_checkable
+class RecordSink(Protocol):
+    """Receives the records of one flush, oldest first; returns new events or None."""
+
+    def write_records(self, records: Sequence[Record]) -> Sequence[Event] | None: ...
+
+
+@runtime_checkable
+class EventSink(Protocol):
+    """Receives events as they are emitted."""
+
+    def write_events(self, events: Sequence[Event]) -> None: ...

@@ -75,6 +75,8 @@ from typing import Any
 
 import numpy as np
 
+from seismo._io import json_default
+
 __all__ = [
     "APPLICATION_ID",
     "SCHEMA_VERSION",
@@ -167,33 +169,13 @@ def _utc_now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
-def _json_default(obj: Any) -> Any:
-    """Make numpy/torch values, enums, paths and sets JSON-encodable.
-
-    Anything else is stored as its ``repr`` so that odd evidence never makes a
-    write fail.
-    """
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if hasattr(obj, "tolist"):  # numpy arrays/scalars, torch tensors
-        try:
-            return obj.tolist()
-        except Exception:  # noqa: BLE001 - fall back to repr below
-            pass
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj, key=repr)
-    return repr(obj)
-
-
 def _dump_object(value: Mapping[str, Any] | None, what: str) -> str:
     """Serialise an optional mapping to a JSON object string."""
     if value is None:
         return "{}"
     if not isinstance(value, Mapping):
         raise TypeError(f"{what} must be a dict, got {type(value).__name__}")
-    return json.dumps(dict(value), default=_json_default, sort_keys=True)
+    return json.dumps(dict(value), default=json_default, sort_keys=True)
 
 
 def _load_object(text: str | None) -> dict[str, Any]:
