@@ -14,3 +14,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """Every test leaves torch's process-wide settings as it found them (thread count, default
+    dtype, grad mode, deterministic algorithms), whatever it changes inside."""
+    threads = torch.get_num_threads()
+    dtype = torch.get_default_dtype()
+    grad = torch.is_grad_enabled()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)
+    torch.use_deterministic_algorithms(deterministic)
