@@ -1,6 +1,7 @@
 """Adam-state signals, for any optimizer whose state has ``exp_avg`` and ``exp_avg_sq``.
 
-With r = m_hat / (sqrt(v_hat) + eps) the per-coordinate update ratio:
+With r = m_hat / (sqrt(v_hat) + eps) the per-coordinate update ratio (Kingma & Ba 2015,
+arXiv 1412.6980: m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t)):
 
 * ``adam/ratio_std/<module>`` — std of r. For i.i.d. gradients it sits near
   sqrt((1 - b1) / (1 + b1)) (0.229 at b1 = 0.9); time-correlated gradients push it towards 1.
@@ -10,13 +11,24 @@ With r = m_hat / (sqrt(v_hat) + eps) the per-coordinate update ratio:
   the eps scale (Wortsman et al. 2023, arXiv 2309.14322 §3.5).
 * ``adam/eps_dominated/<module>`` — fraction of coordinates with sqrt(v_hat) < eps.
 * ``adam/update_grad_cos`` — cosine between the Adam direction r and the gradient.
-* ``adam/v_l1``, ``adam/v_max`` — l1 norm and max of the raw second moment, the gradient-variance
-  signals of Li et al. 2022 (arXiv 2108.06084).
+* ``adam/v_l1``, ``adam/v_max`` — l1 norm and max of the raw second moment ``exp_avg_sq``, the
+  gradient-variance signals of Li et al. 2022 (arXiv 2108.06084).
+
+Each quantity is read where the optimizer keeps it: the step count t from the parameter's state
+(``torch.optim.Adam``/``AdamW``: a tensor) or else from its param group (pytorch-optimizer's SPAM,
+Stable-SPAM, LAMB, ...: an int), see :func:`adam_step_count`; ``betas`` and ``eps`` from the
+parameter's own group; with ``amsgrad=True`` the running maximum ``max_exp_avg_sq``, which is the
+second moment the update divides by. r is the Adam-form ratio of the optimizer's moments: for
+optimizers whose update is not exactly ``lr * r`` (SPAM scales eps by 1 / sqrt(1 - beta2^t) and
+multiplies by a post-reset warm-up factor; NAdam mixes in the gradient) it describes the moments,
+not the exact step.
 
 Computed in the optimizer's post-step hook on tracked steps, from the state the step just wrote.
 """
 
 from __future__ import annotations
+
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -24,15 +36,54 @@ from torch import Tensor
 from seismo.monitor.probe import HookSet, ProbeContext, ProbeFailure, param_modules
 from seismo.monitor.schedules import Schedule, every
 
-__all__ = ["AdamProbe", "adam_ratio"]
+__all__ = ["AdamProbe", "adam_ratio", "adam_step_count", "adam_second_moment", "bias_corrections"]
+
+
+def adam_step_count(state: Mapping[str, Any], group: Mapping[str, Any]) -> Tensor | int | float:
+    """The step count t an Adam-like optimizer bias-corrects with, where it keeps it.
+
+    ``torch.optim`` keeps ``step`` in each parameter's state (a tensor, on the CPU unless
+    ``capturable``/``fused``); pytorch-optimizer's SPAM and Stable-SPAM (and most of that library)
+    keep it in the param group (an int, which Stable-SPAM resets to 1 at a momentum reset). The
+    per-parameter count wins when both exist. Nothing is moved to the host here.
+
+    Raises:
+        ProbeFailure: neither the state nor the group has a ``step``.
+    """
+    step = state.get("step")
+    if step is None:
+        step = group.get("step")
+    if step is None:
+        raise ProbeFailure("the optimizer keeps no 'step' count in its parameter state or param group; Adam bias correction is unknown")
+    return step
+
+
+def adam_second_moment(state: Mapping[str, Any], group: Mapping[str, Any]) -> Tensor:
+    """The second moment the update divides by: ``max_exp_avg_sq`` with ``amsgrad=True``, else ``exp_avg_sq``."""
+    if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
+        return state["max_exp_avg_sq"]
+    return state["exp_avg_sq"]
+
+
+def bias_corrections(step: Tensor | float, beta1: float, beta2: float) -> tuple[Tensor | float, Tensor | float]:
+    """``(1 - beta1^t, 1 - beta2^t)`` (Kingma & Ba 2015, arXiv 1412.6980).
+
+    A plain number or a CPU tensor (``torch.optim``'s default) is computed on the host in float64
+    without any device synchronisation; a step tensor on an accelerator (``capturable``/``fused``)
+    stays there and the corrections are 0-d tensors on its device.
+    """
+    if isinstance(step, Tensor) and step.device.type != "cpu":
+        t = step.detach().float()
+        return 1 - torch.pow(float(beta1), t), 1 - torch.pow(float(beta2), t)
+    t = float(step)
+    return 1.0 - float(beta1) ** t, 1.0 - float(beta2) ** t
 
 
 def adam_ratio(exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor | float, beta1: float, beta2: float, eps: float) -> tuple[Tensor, Tensor]:
-    """Return (r, sqrt(v_hat)) with bias correction at ``step`` (a tensor or a number)."""
-    t = step if isinstance(step, Tensor) else torch.tensor(float(step))
-    t = t.to(device=exp_avg.device, dtype=torch.float32)
-    bc1 = 1 - torch.pow(torch.tensor(beta1, device=t.device), t)
-    bc2 = 1 - torch.pow(torch.tensor(beta2, device=t.device), t)
+    """Return (r, sqrt(v_hat)) in float32 with bias correction at ``step`` (a tensor or a number):
+    ``r = (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)``, the ``torch.optim.Adam`` update
+    over lr (Kingma & Ba 2015, arXiv 1412.6980)."""
+    bc1, bc2 = bias_corrections(step, beta1, beta2)
     denom = (exp_avg_sq.float() / bc2).sqrt()
     return (exp_avg.float() / bc1) / (denom + eps), denom
 
@@ -90,7 +141,8 @@ class AdamProbe:
                 if not st or "exp_avg" not in st or "exp_avg_sq" not in st or id(p) not in self.owner_of:
                     continue
                 seen = True
-                r, sv = adam_ratio(st["exp_avg"], st["exp_avg_sq"], st.get("step", 1), betas[0], betas[1], eps)
+                step = adam_step_count(st, group)
+                r, sv = adam_ratio(st["exp_avg"], adam_second_moment(st, group), step, betas[0], betas[1], eps)
                 if acc is None:
                     dev = r.device
                     acc = torch.zeros(M, 5, device=dev)
