@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from seismo.store.store import (
+from seismo.store import (
     APPLICATION_ID,
     SCHEMA_VERSION,
     AsyncWriter,
@@ -64,7 +64,7 @@ def test_open_creates_parent_dir_wal_and_versioned_schema(store_path: Path) -> N
     conn = sqlite3.connect(store_path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"runs", "metrics", "events"} <= tables
@@ -72,6 +72,8 @@ def test_open_creates_parent_dir_wal_and_versioned_schema(store_path: Path) -> N
         assert index_cols == ["run_id", "name", "step"]
         event_cols = [r[1] for r in conn.execute("PRAGMA table_info(events)")]
         assert "advice" in event_cols and "event_id" in event_cols
+        run_cols = [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
+        assert run_cols == ["run_id", "name", "created_at", "status", "config_json", "meta_json", "heartbeat"]
     finally:
         conn.close()
 
