@@ -39,23 +39,16 @@ from seismo.monitor.schedules import Schedule, every
 __all__ = ["AdamProbe", "adam_ratio", "adam_step_count", "adam_second_moment", "bias_corrections"]
 
 
-def adam_step_count(state: Mapping[str, Any], group: Mapping[str, Any]) -> Tensor | int | float:
-    """The step count t an Adam-like optimizer bias-corrects with, where it keeps it.
+def adam_step_count(state: Mapping[str, Any], group: Mapping[str, Any]) -> Tensor | int | float | None:
+    """The step count t an Adam-like optimizer bias-corrects with, where it keeps it, or ``None``.
 
     ``torch.optim`` keeps ``step`` in each parameter's state (a tensor, on the CPU unless
     ``capturable``/``fused``); pytorch-optimizer's SPAM and Stable-SPAM (and most of that library)
     keep it in the param group (an int, which Stable-SPAM resets to 1 at a momentum reset). The
     per-parameter count wins when both exist. Nothing is moved to the host here.
-
-    Raises:
-        ProbeFailure: neither the state nor the group has a ``step``.
     """
     step = state.get("step")
-    if step is None:
-        step = group.get("step")
-    if step is None:
-        raise ProbeFailure("the optimizer keeps no 'step' count in its parameter state or param group; Adam bias correction is unknown")
-    return step
+    return group.get("step") if step is None else step
 
 
 def adam_second_moment(state: Mapping[str, Any], group: Mapping[str, Any]) -> Tensor:
@@ -142,6 +135,11 @@ class AdamProbe:
                     continue
                 seen = True
                 step = adam_step_count(st, group)
+                if step is None:
+                    raise ProbeFailure(
+                        f"{type(optimizer).__name__} keeps no 'step' count (parameter state or param group): "
+                        "Adam's bias correction is unknown, the Adam probe is off"
+                    )
                 r, sv = adam_ratio(st["exp_avg"], adam_second_moment(st, group), step, betas[0], betas[1], eps)
                 if acc is None:
                     dev = r.device

@@ -4,12 +4,18 @@
 * ``max_eig`` — sharpness, the top eigenvalue of the Hessian of ``probe_loss(model)`` (a fixed
   probe batch), by Lanczos on Hessian-vector products (Cohen et al. 2021, arXiv 2103.00065;
   Gilmer et al. 2022, arXiv 2110.04369).
-* ``max_eig_precond`` — for Adam-like optimizers, the top eigenvalue of ``P^-1/2 H P^-1/2`` with
-  ``P = diag(sqrt(v_hat) + eps)`` read from the optimizer state (Cohen et al. 2022,
-  arXiv 2207.14484, "adaptive edge of stability").
-* ``threshold`` — the quadratic-model stability threshold of the optimizer at its current lr:
-  ``2 / lr`` for SGD, ``(2 + 2 beta) / lr`` with momentum, ``(2 + 2 beta1) / ((1 - beta1) lr)``
-  (``38 / lr`` at beta1 = 0.9) for Adam, to compare with ``max_eig_precond`` (or ``max_eig`` for SGD).
+* ``max_eig_precond`` — for optimizers with Adam state (``betas``, ``eps``, ``exp_avg_sq``), the
+  top eigenvalue of ``P^-1 H`` (computed as ``P^-1/2 H P^-1/2``) with the bias-corrected
+  preconditioner ``P = (1 - beta1^t) diag(sqrt(v_hat) + eps)`` read from the optimizer state
+  (Cohen et al. 2022, arXiv 2207.14484, "adaptive edge of stability"; see
+  :func:`~seismo.monitor.curvature.adam_preconditioner`).
+* ``threshold`` — the quadratic-model stability threshold at the current lr, only for the
+  optimizers it is derived for: ``2 / lr`` for gradient descent and ``(2 + 2 beta) / lr`` for
+  heavy-ball momentum (Cohen et al. 2021; compare with ``max_eig``), the Nesterov form, and
+  ``(2 + 2 beta1) / ((1 - beta1) lr)`` (``38 / lr`` at beta1 = 0.9) for ``torch.optim.Adam`` /
+  ``AdamW`` (Cohen et al. 2022; compare with ``max_eig_precond``). Other optimizers (NAdam,
+  LAMB, SPAM, ...) get ``max_eig`` and ``max_eig_precond`` but no threshold, since none is
+  derived for their update (:func:`~seismo.monitor.curvature.stability_threshold`).
 * ``trace`` (``trace=True``) — Hutchinson's estimate of the Hessian trace.
 
 Everything is computed in :meth:`CurvatureProbe.collect`, i.e. after the optimizer step, on the
@@ -32,6 +38,7 @@ from torch import Tensor
 
 from seismo.monitor.curvature import (
     adam_preconditioner,
+    has_stability_threshold,
     hutchinson_trace,
     hvp_fn,
     lanczos_top_eigenvalue,
@@ -117,8 +124,8 @@ class CurvatureProbe:
         self._adam = any("betas" in g and "eps" in g for g in groups)
         managed = {id(p) for g in groups for p in g["params"]}
         self._managed = [id(p) in managed for p in self.params]
-        # The optimizers stability_threshold knows: SGD (with or without momentum) and Adam-likes.
-        self._threshold = opt is not None and (isinstance(opt, torch.optim.SGD) or "betas" in getattr(opt, "defaults", {}))
+        # Only where a threshold is derived: SGD (GD, heavy ball, Nesterov) and torch Adam / AdamW.
+        self._threshold = opt is not None and has_stability_threshold(opt)
 
     def arm(self, step: int) -> None:
         self._armed = True
@@ -158,23 +165,27 @@ class CurvatureProbe:
         self._armed = False
         device = self.params[0].device
         dtype = torch.float32 if device.type == "mps" else torch.float64
-        lanczos = dict(iters=self.iters, seed=self.seed + step, dtype=dtype, device=device)
-        out: dict[str, Tensor] = {}
         with _untouched(self.model, self.params):
-            hvp = hvp_fn(lambda: self.probe_loss(self.model), self.params)
-            out[f"{self.name}/max_eig"] = lanczos_top_eigenvalue(hvp, self.dim, **lanczos)
-            P = self._preconditioner()
-            if P is not None:
-                s = P.to(device=device, dtype=dtype).rsqrt()  # P^-1/2; 0 where P = inf
-                out[f"{self.name}/max_eig_precond"] = lanczos_top_eigenvalue(lambda v: s * hvp(s * v), self.dim, **lanczos)
-            if self.trace:
-                out[f"{self.name}/trace"] = hutchinson_trace(
-                    hvp, self.dim, samples=self.trace_samples, seed=self.seed + step, dtype=dtype, device=device
-                )
-            del hvp  # frees the double-backward graph
+            out = self._eigenvalues(step, device, dtype)  # the double-backward graph is freed on return
         thr = self._threshold_value(device)
         if thr is not None:
             out[f"{self.name}/threshold"] = thr
+        return out
+
+    def _eigenvalues(self, step: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+        lanczos = dict(iters=self.iters, seed=self.seed + step, dtype=dtype, device=device)
+        out: dict[str, Tensor] = {}
+        hvp = hvp_fn(lambda: self.probe_loss(self.model), self.params)
+        out[f"{self.name}/max_eig"] = lanczos_top_eigenvalue(hvp, self.dim, **lanczos)
+        P = self._preconditioner()
+        if P is not None:
+            # eig(P^-1 H) = eig(P^-1/2 H P^-1/2), a symmetric operator for Lanczos
+            s = P.to(device=device, dtype=dtype).rsqrt()  # P^-1/2; 0 where P = inf
+            out[f"{self.name}/max_eig_precond"] = lanczos_top_eigenvalue(lambda v: s * hvp(s * v), self.dim, **lanczos)
+        if self.trace:
+            out[f"{self.name}/trace"] = hutchinson_trace(
+                hvp, self.dim, samples=self.trace_samples, seed=self.seed + step, dtype=dtype, device=device
+            )
         return out
 
     def detach(self) -> None:

@@ -17,8 +17,10 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 
+from seismo.mitigate.optimizers import lamb, spam, stable_spam
 from seismo.monitor.curvature import (
     adam_preconditioner,
+    has_stability_threshold,
     hutchinson_trace,
     hvp_fn,
     lanczos_top_eigenvalue,
@@ -26,6 +28,9 @@ from seismo.monitor.curvature import (
     sharpness,
     stability_threshold,
 )
+from seismo.monitor.curvature_probe import CurvatureProbe
+from seismo.monitor.monitor import Monitor
+from seismo.monitor.schedules import every
 
 DT = torch.float64
 
@@ -294,7 +299,8 @@ def test_adam_preconditioner_none_before_first_step():
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.AdamW])
 def test_adam_preconditioner_matches_actual_adam_step(amsgrad, opt_cls):
-    """Oracle: Adam's own update is -lr * m_hat / P (weight decay 0)."""
+    """Oracle: Adam's own update is -lr * P^-1 m with the *raw* first moment m (weight decay 0),
+    the preconditioned-EMA-momentum form of Cohen et al. 2022 (arXiv 2207.14484)."""
     model, x, y = mlp_setup(4)
     lr, beta1 = 1e-2, 0.9
     opt = opt_cls(
@@ -308,13 +314,12 @@ def test_adam_preconditioner_matches_actual_adam_step(amsgrad, opt_cls):
         opt.step()
         delta = flat_params(model) - before
     P = adam_preconditioner(opt, params)
-    step = float(opt.state[params[0]]["step"])
-    m_hat = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in params]) / (1 - beta1**step)
-    torch.testing.assert_close(delta, -lr * m_hat / P, rtol=1e-9, atol=1e-14)
-    # And the explicit formula sqrt(v_hat) + eps.
+    m = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in params])
+    torch.testing.assert_close(delta, -lr * m / P, rtol=1e-9, atol=1e-14)
+    # And the explicit formula (1 - beta1^t) (sqrt(v_hat) + eps), t = 4 steps taken here.
     key = "max_exp_avg_sq" if amsgrad else "exp_avg_sq"
     v = torch.cat([opt.state[p][key].reshape(-1) for p in params])
-    torch.testing.assert_close(P, (v / (1 - 0.99**step)).sqrt() + 1e-6)
+    torch.testing.assert_close(P, (1 - beta1**4) * ((v / (1 - 0.99**4)).sqrt() + 1e-6))
 
 
 def test_adam_preconditioner_per_group_eps_and_stateless_params():
@@ -335,7 +340,7 @@ def test_adam_preconditioner_per_group_eps_and_stateless_params():
     n1 = model.fc1.weight.numel() + model.fc1.bias.numel()
     v1 = torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1) for p in params[:2]])
     bc2 = 1 - 0.999
-    torch.testing.assert_close(P[:n1], (v1 / bc2).sqrt() + 1e-3)
+    torch.testing.assert_close(P[:n1], (1 - 0.9) * ((v1 / bc2).sqrt() + 1e-3))
     assert torch.isinf(P[-3:]).all()  # fc2.bias never updated
     assert torch.isfinite(P[:-3]).all()
     stranger = nn.Parameter(torch.ones(2, dtype=DT))
@@ -352,23 +357,92 @@ def test_adam_preconditioner_rejects_non_adam_state():
         adam_preconditioner(opt, list(model.parameters()))
 
 
-def test_preconditioned_sharpness_matches_dense():
-    model, x, y, opt = _adam_trained_mlp(steps=5)
+def _precond_reference(opt, params, t: int, second_moment: str = "exp_avg_sq") -> torch.Tensor:
+    """P = (1 - beta1^t) (sqrt(v / (1 - beta2^t)) + eps) from the raw state, t counted by the test."""
+    group = opt.param_groups[0]
+    (b1, b2), eps = group["betas"], group["eps"]
+    v = torch.cat([opt.state[p][second_moment].double().reshape(-1) for p in params])
+    return (1 - b1**t) * ((v / (1 - b2**t)).sqrt() + eps)
+
+
+def _top_eig_of_Pinv_H(P: torch.Tensor, H: torch.Tensor) -> float:
+    """Largest eigenvalue of the non-symmetric P^-1 H by a dense general eigendecomposition."""
+    eig = torch.linalg.eigvals(H / P[:, None])
+    assert eig.imag.abs().max() < 1e-8 * eig.real.abs().max()  # similar to a symmetric matrix: real spectrum
+    return float(eig.real.max())
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_preconditioned_sharpness_matches_dense(amsgrad):
+    """Preconditioned sharpness = top eigenvalue of P^-1 H with the bias-corrected P of Cohen et
+    al. 2022 (arXiv 2207.14484), at t = 10 where the (1 - beta1^t) factor is 0.65."""
+    t = 10
+    model, x, y, opt = _adam_trained_mlp(amsgrad=amsgrad, steps=t)
     params = list(model.parameters())
     P = adam_preconditioner(opt, params)
     H_dim = sum(p.numel() for p in params)
-    assert P is not None and P.shape == (H_dim,)
+    assert P is not None and P.shape == (H_dim,) and 40 <= H_dim <= 100
     H = dense_hessian(model, lambda out: F.cross_entropy(out, y), x)
     assert H.shape == (H_dim, H_dim)
-    Dm = torch.diag(P.rsqrt())
-    true = torch.linalg.eigvalsh(Dm @ H @ Dm)[-1]
+    P_ref = _precond_reference(opt, params, t, "max_exp_avg_sq" if amsgrad else "exp_avg_sq")
+    true = _top_eig_of_Pinv_H(P_ref, H)
     lam = sharpness(model, lambda: F.cross_entropy(model(x), y), iters=60, preconditioner=P)
-    torch.testing.assert_close(lam, true, rtol=1e-4, atol=0.0)
-    # Preconditioning changes the answer (the test can distinguish the two).
+    assert float(lam) == pytest.approx(true, rel=1e-3)
+    # The test tells the bias-corrected P from the one without (1 - beta1^t): 1 / 0.65 apart.
+    without = _top_eig_of_Pinv_H(P_ref / (1 - 0.9**t), H)
+    assert true / without == pytest.approx(1 / (1 - 0.9**t), rel=1e-9) and true / without > 1.5
+    # ... and from the plain sharpness.
     plain = torch.linalg.eigvalsh(H)[-1]
-    assert abs(true.item() - plain.item()) > 1e-2 * abs(true.item())
+    assert abs(true - plain.item()) > 1e-2 * abs(true)
     with pytest.raises(ValueError, match="preconditioner"):
         sharpness(model, lambda: F.cross_entropy(model(x), y), preconditioner=P[:-1])
+
+
+def _spam_trained_mlp(steps: int, **kw):
+    pytest.importorskip("pytorch_optimizer")
+    model, x, y = mlp_setup(4)
+    opt = spam(model.parameters(), lr=1e-2, **kw)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, x, y, opt
+
+
+def test_preconditioner_of_spam_uses_the_group_step():
+    """SPAM keeps t in the param group (no per-parameter 'step') and its moments flattened."""
+    t = 10
+    model, x, y, opt = _spam_trained_mlp(t)
+    params = list(model.parameters())
+    assert all("step" not in opt.state[p] for p in params) and opt.param_groups[0]["step"] == t
+    P = adam_preconditioner(opt, params)
+    torch.testing.assert_close(P, _precond_reference(opt, params, t), rtol=1e-12, atol=0.0)
+    H = dense_hessian(model, lambda out: F.cross_entropy(out, y), x)
+    lam = sharpness(model, lambda: F.cross_entropy(model(x), y), iters=60, preconditioner=P)
+    assert float(lam) == pytest.approx(_top_eig_of_Pinv_H(P, H), rel=1e-3)
+
+
+def test_preconditioner_of_masked_spam_is_inf_outside_the_mask():
+    """SPAM with density < 1 keeps moments for the coordinates of a boolean mask only: the others
+    are not moved by the optimizer (P = inf), the masked ones get their moments in mask order."""
+    t = 3
+    model, x, y, opt = _spam_trained_mlp(t, density=0.5)
+    params = list(model.parameters())
+    P = adam_preconditioner(opt, params)
+    (b1, b2), eps = opt.param_groups[0]["betas"], opt.param_groups[0]["eps"]
+    pos = 0
+    for p in params:
+        st = opt.state[p]
+        want = torch.full((p.numel(),), math.inf, dtype=DT)
+        mask = st.get("mask")
+        idx = mask.reshape(-1).nonzero().reshape(-1) if mask is not None else torch.arange(p.numel())
+        for k, i in enumerate(idx.tolist()):
+            v = float(st["exp_avg_sq"].reshape(-1)[k])
+            want[i] = (1 - b1**t) * (math.sqrt(v / (1 - b2**t)) + eps)
+        assert mask is None or 0 < int(mask.sum()) < p.numel()
+        torch.testing.assert_close(P[pos : pos + p.numel()], want, rtol=1e-12, atol=0.0)
+        pos += p.numel()
+    assert torch.isinf(P).any() and torch.isfinite(P).any()
 
 
 # --------------------------------------------------------------------------
@@ -586,13 +660,61 @@ def test_stability_threshold_values():
     assert stability_threshold(opt) == pytest.approx(20.0)
 
 
-def test_stability_threshold_adam_like_and_unknown():
+@pytest.mark.parametrize("beta1", [0.9, 0.95])
+@pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_adam_threshold_is_the_derived_formula(opt_cls, beta1):
+    """Cohen et al. 2022 (arXiv 2207.14484): (2 + 2 beta1) / ((1 - beta1) lr): 38/lr at 0.9, 78/lr at 0.95."""
+    lr = 3e-3
+    opt = opt_cls([nn.Parameter(torch.zeros(1))], lr=lr, betas=(beta1, 0.999))
+    assert has_stability_threshold(opt)
+    assert stability_threshold(opt) == pytest.approx({0.9: 38.0, 0.95: 78.0}[beta1] / lr, rel=1e-12)
+
+
+def _other_optimizers(p):
+    yield torch.optim.NAdam(p, lr=0.1, betas=(0.9, 0.999))
+    yield torch.optim.RAdam(p, lr=0.1)
+    yield torch.optim.Adamax(p, lr=0.1)
+    yield torch.optim.RMSprop(p, lr=0.1)
+    try:
+        yield from (lamb(p), spam(p), stable_spam(p))
+    except ImportError:  # pragma: no cover - without the optim extra (pytorch-optimizer)
+        return
+
+
+def test_no_threshold_where_none_is_derived():
+    """NAdam, RAdam, LAMB, SPAM, ... have betas but no derived threshold: none is made up."""
     p = [nn.Parameter(torch.zeros(1))]
-    # Any optimizer whose defaults have 'betas' counts as Adam-like.
-    assert stability_threshold(torch.optim.NAdam(p, lr=0.1, betas=(0.9, 0.999))) == (
-        pytest.approx(380.0)
-    )
-    with pytest.raises(ValueError, match="unsupported optimizer"):
-        stability_threshold(torch.optim.RMSprop(p, lr=0.1))
+    for opt in _other_optimizers(p):
+        assert not has_stability_threshold(opt), type(opt).__name__
+        with pytest.raises(ValueError, match="no stability threshold is derived"):
+            stability_threshold(opt)
     with pytest.raises(ValueError, match="lr"):
         stability_threshold(torch.optim.SGD(p, lr=0.0))
+
+
+@pytest.mark.parametrize("kind", ["nadam", "spam"])
+def test_curvature_probe_records_precond_sharpness_without_threshold(kind):
+    """For an optimizer without a derived threshold the probe records max_eig and max_eig_precond
+    (the Adam-form P of its moments) and no threshold, so the edge-of-stability detector stays quiet."""
+    model, x, y = mlp_setup(9)
+    if kind == "nadam":
+        opt = torch.optim.NAdam(model.parameters(), lr=1e-2)
+    else:
+        pytest.importorskip("pytorch_optimizer")
+        opt = spam(model.parameters(), lr=1e-2)
+    dim = sum(p.numel() for p in model.parameters())
+    probe = CurvatureProbe(lambda m: F.cross_entropy(m(x), y), schedule=every(1), iters=dim)
+    mon = Monitor(model, opt, probes=[probe], flush_every=1)
+    for _ in range(3):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(loss)
+    assert not mon.disabled
+    assert "hessian/threshold" not in mon.history
+    H = dense_hessian(model, lambda out: F.cross_entropy(out, y), x)
+    P = _precond_reference(opt, list(model.parameters()), t=3)
+    assert mon.series("hessian/max_eig_precond")[1][-1] == pytest.approx(_top_eig_of_Pinv_H(P, H), rel=1e-3)
+    assert mon.series("hessian/max_eig")[1][-1] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-3)
+    mon.close()

@@ -620,9 +620,9 @@ def test_curvature_probe_vs_dense_hessian():
         H = dense_hessian(double, lambda pd: F.cross_entropy(functional_call(double, pd, (px.double(),)), py))
         eig = torch.linalg.eigvalsh(H)
         assert at(mon, "hessian/max_eig", step) == pytest.approx(float(eig[-1]), rel=1e-4)
-        # preconditioned: P = sqrt(v_hat) + eps from the optimizer state, same parameter order
-        P = torch.cat([
-            (opt.state[p]["exp_avg_sq"].double() / (1 - b2 ** float(opt.state[p]["step"]))).sqrt().reshape(-1) + eps
+        # preconditioned: P = (1 - b1^t)(sqrt(v_hat) + eps) from the optimizer state (Cohen 2022), t = step + 1
+        P = (1 - b1 ** (step + 1)) * torch.cat([
+            (opt.state[p]["exp_avg_sq"].double() / (1 - b2 ** (step + 1))).sqrt().reshape(-1) + eps
             for p in model.parameters()
         ])
         Hp = H / P.sqrt()[:, None] / P.sqrt()[None, :]
@@ -650,8 +650,8 @@ def test_preconditioned_sharpness_drops_parameters_the_optimizer_does_not_move()
     double = copy.deepcopy(model).double()
     H = dense_hessian(double, lambda pd: F.cross_entropy(functional_call(double, pd, (x.double(),)), y))
     n1 = sum(p.numel() for p in model.fc1.parameters())
-    P = torch.cat([
-        (opt.state[p]["exp_avg_sq"].double() / (1 - 0.95 ** float(opt.state[p]["step"]))).sqrt().reshape(-1) + 1e-8
+    P = (1 - 0.9) * torch.cat([  # (1 - b1^t)(sqrt(v_hat) + eps) at t = 1 (Cohen 2022)
+        (opt.state[p]["exp_avg_sq"].double() / (1 - 0.95)).sqrt().reshape(-1) + 1e-8
         for p in model.fc2.parameters()
     ])
     H22 = H[n1:, n1:] / P.sqrt()[:, None] / P.sqrt()[None, :]
