@@ -7,7 +7,8 @@ the test itself has taken (t, counted here, never read from the optimizer):
     r = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)          (Kingma & Ba 2015, arXiv 1412.6980)
 
 in Python floats; then per module update_rms = sqrt(mean r^2), ratio_std = population std of r,
-ratio_bimodal = fraction |r| > 0.9, eps_dominated = fraction sqrt(v_hat) < eps. The optimizers
+ratio_bimodal = fraction |r| > 0.9, eps_dominated = fraction sqrt(v_hat) < eps, and over all
+parameters update_grad_cos = r.g / (|r| |g|) with the gradient the step left in .grad. The optimizers
 keep t in different places (torch: per-parameter state tensor; pytorch-optimizer's SPAM and
 Stable-SPAM: an int in the param group), which is what the probe must get right.
 """
@@ -28,7 +29,6 @@ from seismo.monitor.adam import adam_step_count, bias_corrections
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TRACKED = (1, 2, 50)  # optimizer steps (t) at which the signals are checked
-SIGNALS = ("update_rms", "ratio_std", "ratio_bimodal", "eps_dominated")
 MARGIN = 1e-4  # no coordinate this close (relatively) to a threshold, so float32 rounding cannot flip a count
 
 
@@ -70,21 +70,29 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference(opt: torch.optim.Optimizer, model: nn.Module, t: int) -> dict[str, float]:
-    """The four per-module signals, coordinate by coordinate in Python floats."""
+    """The four per-module signals and the global cosine between r and the gradient, coordinate
+    by coordinate in Python floats. Moments kept over a boolean `mask` only (SPAM) pair with the
+    gradient's masked coordinates, in row-major order."""
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     per_module: dict[str, tuple[list[float], list[float], float]] = {}
+    dot = r_sq = g_sq = 0.0
     for name, p in model.named_parameters():
         group, st = group_of[id(p)], opt.state[p]
         b1, b2 = (float(b) for b in group["betas"])
         eps = float(group["eps"])
         v_key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
         ms, vs = st["exp_avg"].double().reshape(-1).tolist(), st[v_key].double().reshape(-1).tolist()
+        grad = p.grad.double()
+        gs = (grad[st["mask"]] if "mask" in st else grad).reshape(-1).tolist()
+        assert len(gs) == len(ms)
         rs, svs = per_module.setdefault(name.rsplit(".", 1)[0], ([], [], eps))[:2]
-        for m, v in zip(ms, vs):
+        for m, v, g in zip(ms, vs, gs):
             sv = math.sqrt(v / (1.0 - b2**t))
-            rs.append((m / (1.0 - b1**t)) / (sv + eps))
+            r = (m / (1.0 - b1**t)) / (sv + eps)
+            rs.append(r)
             svs.append(sv)
-    out = {}
+            dot, r_sq, g_sq = dot + r * g, r_sq + r * r, g_sq + g * g
+    out = {"adam/update_grad_cos": dot / math.sqrt(r_sq * g_sq)}
     for mod, (rs, svs, eps) in per_module.items():
         n = len(rs)
         mean = sum(rs) / n
@@ -126,9 +134,12 @@ def run(kind: str, seed: int = 0, steps: int = max(TRACKED)):
 @pytest.mark.parametrize("kind", ["adamw", "adam_amsgrad", "spam", "spam_masked", "stable_spam"])
 def test_adam_signals_equal_elementwise_reference(kind):
     opt, model, refs, got = run(kind)
+    if kind.startswith("spam"):  # the layout under test: 2-D weights' moments flattened over a boolean mask
+        assert all(opt.state[p]["exp_avg"].dim() == 1 < p.dim() for p in (model.fc1.weight, model.fc2.weight))
+        assert all(opt.state[p]["mask"].all() == (kind == "spam") for p in (model.fc1.weight, model.fc2.weight))
     saw = {name: False for name in ("bimodal", "not_bimodal", "eps_dominated", "not_eps_dominated")}
     for t, ref in refs.items():
-        assert set(got[t]) == set(ref) and len(ref) == 4 * 2
+        assert set(got[t]) == set(ref) and len(ref) == 4 * 2 + 1
         for key, want in ref.items():
             assert got[t][key] == pytest.approx(want, rel=1e-5, abs=1e-12), (kind, t, key)
             if "/ratio_bimodal/" in key:

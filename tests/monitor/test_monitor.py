@@ -272,41 +272,6 @@ def test_adam_signals_vs_optimizer_state():
     mon.close()
 
 
-def test_adam_signals_with_spam_flattened_masked_moments():
-    """SPAM (pytorch-optimizer) keeps exp_avg / exp_avg_sq flattened over a boolean `mask`: the probe
-    must pair them with the masked gradient, not turn itself off."""
-    pytest.importorskip("pytorch_optimizer")
-    from seismo.mitigate.optimizers import spam
-
-    model = nn.ModuleDict({"layer": nn.Linear(6, 5)})
-    opt = spam(model.parameters(), lr=1e-2)
-    mon = Monitor(model, opt, probes=[AdamProbe(schedule=every(1))], flush_every=1)
-    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a probe failure warns; it must not happen
-        for step in range(3):
-            loss = model["layer"](x).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            mon.step(loss)
-    assert not mon.disabled
-    rs, gs = [], []
-    states = {p: st_ for p, st_ in opt.state.items() if isinstance(p, torch.Tensor)}  # SPAM also keeps counters there
-    masked = [p for p, st_ in states.items() if "mask" in st_]
-    assert masked and all(opt.state[p]["exp_avg"].dim() == 1 < p.dim() for p in masked)  # the layout under test
-    for p, st_ in states.items():
-        b1, b2 = opt.param_groups[0]["betas"]
-        eps, t = opt.param_groups[0]["eps"], float(opt.param_groups[0]["step"])
-        m_hat = st_["exp_avg"].double() / (1 - b1**t)
-        v_hat = st_["exp_avg_sq"].double() / (1 - b2**t)
-        rs.append((m_hat / (v_hat.sqrt() + eps)).reshape(-1))
-        gs.append(p.grad.double()[st_["mask"]] if "mask" in st_ else p.grad.double().reshape(-1))
-    r, g = torch.cat(rs), torch.cat(gs)
-    assert at(mon, "adam/update_grad_cos", 2) == pytest.approx(float(r @ g / (r.norm() * g.norm())), rel=1e-3)
-    mon.close()
-
-
 def _feed_adam(grad_of_step, steps: int = 300, eps: float = 1e-8) -> dict[str, float]:
     """Feed chosen gradients to one 100x100 weight through AdamW(0.9, 0.95); Adam signals at the end."""
     model = nn.ModuleDict({"layer": nn.Linear(100, 100, bias=False)})
