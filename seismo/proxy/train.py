@@ -4,16 +4,28 @@ AdamW (optionally with independent weight decay), warm-up + cosine/linear decay,
 clipping, z-loss, sequence-length warm-up, periodic validation, seeded determinism, exact
 checkpoint resume, and non-finite losses ending the run with status ``diverged``. Every run is
 watched by :class:`seismo.Monitor` (the same monitor users attach to their own loops).
+
+The stored status is true on every way out: ``completed``, ``diverged``, ``interrupted`` (Ctrl-C,
+SIGTERM, ``stop_at``) or ``failed`` (any exception, its one-line summary in the run's meta as
+``error``). Resume leaves no hole and no duplicate in the stored rows: a checkpoint is written
+only after every row up to its step is committed, and a resumed run first deletes the rows
+logged after its checkpoint (they are recomputed bitwise).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import signal
+import threading
 import time
+import uuid
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,8 +39,12 @@ from seismo.monitor import PRESETS, Monitor
 from seismo.proxy.config import from_dict, to_dict
 from seismo.proxy.data import DataConfig, load_dataset
 from seismo.proxy.model import GPTConfig, TinyGPT
+from seismo.store import RunStore
 
-__all__ = ["OptimConfig", "SeqlenWarmupConfig", "TrainConfig", "RunResult", "train", "save_checkpoint", "load_checkpoint"]
+__all__ = [
+    "OptimConfig", "SeqlenWarmupConfig", "TrainConfig", "RunResult", "Terminated", "train", "save_checkpoint", "load_checkpoint",
+    "error_summary", "sigterm_interrupts",
+]
 
 DECAYS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "sgd", "spam", "stable_spam")
@@ -154,7 +170,9 @@ class TrainConfig:
         if self.seq_len > self.model.block_size:
             raise ConfigError(f"seq_len: {self.seq_len} exceeds model.block_size {self.model.block_size}")
         if self.guard not in ("none", "skip"):
-            raise ConfigError(f"guard: must be 'none' or 'skip' in train() (use seismo.Guard in your own loop for rollback), got {self.guard!r}")
+            raise ConfigError(
+                f"guard: must be 'none' or 'skip' in train() (use seismo.Guard in your own loop for rollback), got {self.guard!r}"
+            )
         if self.z_loss < 0:
             raise ConfigError(f"z_loss: must be >= 0, got {self.z_loss}")
         if self.monitor not in PRESETS + ("none",):
@@ -172,7 +190,8 @@ class TrainConfig:
 
 @dataclass
 class RunResult:
-    """What a run did. ``status`` is ``completed``, ``diverged`` or ``interrupted``."""
+    """What a run did. ``status`` is ``completed``, ``diverged`` or ``interrupted`` (``stop_at``);
+    a run that fails or is interrupted by a signal raises instead, after storing its status."""
 
     status: str
     steps_done: int
@@ -207,6 +226,46 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the training thread when the process gets SIGTERM: handled like Ctrl-C."""
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While the body runs in the main thread, SIGTERM raises :class:`Terminated` there.
+
+    The previous handler is restored afterwards. In another thread (signals are only delivered
+    to the main one) or where handlers cannot be set, the body runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise Terminated(f"terminated by signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise)
+    except (ValueError, OSError):  # e.g. an interpreter that does not own signal handling
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def error_summary(exc: BaseException, limit: int = 300) -> str:
+    """``"Type: first line of the message"``, at most ``limit`` characters: what a failed run stores."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def exit_status(exc: BaseException) -> str:
+    """The stored status of a run ended by ``exc``: ``interrupted`` for Ctrl-C / SIGTERM, else ``failed``."""
+    return "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
 
 
 def first_nonfinite_step(losses: torch.Tensor, start: int, stop: int) -> int | None:
@@ -268,12 +327,14 @@ def train(
     cfg.validate()
     t_start = time.time()
     device = torch.device(cfg.device)
+    run_dir = Path(cfg.out_dir) if cfg.out_dir else None
+    ckpt_path = run_dir / "checkpoint.pt" if run_dir else None
+    if resume and run_dir is not None:
+        _refuse_finished_run(run_dir)
     ds = load_dataset(cfg.data)
     if cfg.model.vocab_size != ds.vocab_size:
         cfg.model.vocab_size = ds.vocab_size  # the data decides the vocabulary
     seq_len = cfg.seq_len or cfg.model.block_size
-    run_dir = Path(cfg.out_dir) if cfg.out_dir else None
-    ckpt_path = run_dir / "checkpoint.pt" if run_dir else None
 
     torch.manual_seed(cfg.seed)
     model = TinyGPT(cfg.model).to(device)
@@ -282,6 +343,7 @@ def train(
     val_losses: list[tuple[int, float]] = []
     start = 0
     run_id = None
+    run_uid = None  # names the stored run before it has an id: in the step-0 checkpoint and the run's meta
     ck_detectors: dict = {}
     if resume and ckpt_path is not None and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path)
@@ -292,13 +354,22 @@ def train(
         losses[:start] = ck["losses"][:start].to(device)
         val_losses = [(int(s), float(v)) for s, v in ck["val"]]
         run_id = ck.get("run_id")
+        run_uid = ck.get("run_uid")
         ck_detectors = ck.get("detectors") or {}
+    elif ckpt_path is not None and cfg.checkpoint_every:
+        # Resumable from the start: a kill before the first periodic checkpoint resumes here into
+        # the same stored run (found by run_uid), instead of leaving it `running` forever.
+        run_uid = uuid.uuid4().hex
+        _checkpoint(ckpt_path, model, optimizer, 0, losses, val_losses, None, run_uid=run_uid)
+    run_uid = run_uid or uuid.uuid4().hex
 
-    meta = dict(data=ds.meta, n_params=model.num_params(), n_params_total=model.num_params(False), torch=torch.__version__)
+    meta = dict(data=ds.meta, n_params=model.num_params(), n_params_total=model.num_params(False), torch=torch.__version__, run_uid=run_uid)
     store_path = cfg.store or (str(run_dir.parent / "seismo.sqlite") if run_dir else "")
     if run_dir:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(run_dir / "config.json", cfg.to_dict())
+    if resume and store_path and cfg.monitor != "none":
+        run_id = _forget_rows_after_checkpoint(store_path, run_id, run_uid, start)
     monitor = None
     if cfg.monitor != "none":
         monitor = Monitor(
@@ -311,15 +382,58 @@ def train(
         run_id = monitor.run_id
 
     guard = None
-    if cfg.guard == "skip":
-        from seismo.mitigate.guard import Guard
+    step = start
+    try:
+        with sigterm_interrupts():
+            if cfg.guard == "skip":
+                from seismo.mitigate.guard import Guard
 
-        guard = Guard(model, optimizer, policy="skip", max_grad_norm=cfg.optim.grad_clip, monitor=monitor, zero_grad=False)
+                guard = Guard(model, optimizer, policy="skip", max_grad_norm=cfg.optim.grad_clip, monitor=monitor, zero_grad=False)
+            status, diverged_at, step, steps_done = _train_loop(
+                cfg, ds, model, optimizer, losses, val_losses, seq_len, start, monitor, guard, ckpt_path, run_id, run_uid, on_log
+            )
+            if guard is not None:
+                guard.close()
+                meta["guard"] = dict(guard.stats)
+            if status == "completed" and not (val_losses and val_losses[-1][0] == steps_done):
+                _final_validation(model, ds, cfg, seq_len, val_losses, monitor, steps_done)
+            if status == "interrupted" and ckpt_path is not None:
+                _checkpoint(ckpt_path, model, optimizer, steps_done, losses, val_losses, run_id, monitor, run_uid)
 
+            train_loss = losses[:steps_done].cpu().numpy()
+            final_train = final_loss(train_loss)
+            final_val = val_losses[-1][1] if status == "completed" and val_losses else math.nan
+            history: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+            if monitor is not None:
+                monitor.close(status, meta=dict(final_train_loss=final_train, final_val_loss=final_val, steps_done=steps_done))
+                history = {k: (np.asarray(s), np.asarray(v)) for k, (s, v) in monitor.history.items()}
+    except BaseException as exc:
+        _close_after_exception(exc, monitor, guard, run_dir, step, run_id, t_start)
+        raise
+    attn = [np.nanmax(v) for k, (_, v) in history.items() if k.startswith("attn/logit_max/") and len(v) and np.isfinite(v).any()]
+    result = RunResult(
+        status=status, steps_done=steps_done, train_loss=train_loss, val_loss=val_losses,
+        final_train_loss=final_train, final_val_loss=final_val,
+        max_attn_logit=float(max(attn)) if attn else math.nan, history=history,
+        config=cfg.to_dict(), meta=meta, wall_time=time.time() - t_start,
+        run_dir=str(run_dir) if run_dir else None, run_id=run_id, store=store_path or None, diverged_at=diverged_at,
+        events=list(monitor.events) if monitor is not None else [],
+    )
+    if run_dir:  # after the stored status: a kill in between resumes from the last checkpoint
+        _write_json(run_dir / "result.json", dict(
+            status=status, steps_done=steps_done, final_train_loss=final_train, final_val_loss=final_val,
+            max_attn_logit=result.max_attn_logit, diverged_at=diverged_at, wall_time=result.wall_time, run_id=run_id,
+        ))
+    return result
+
+
+def _train_loop(cfg, ds, model, optimizer, losses, val_losses, seq_len, start, monitor, guard, ckpt_path, run_id, run_uid, on_log):
+    """Steps ``start .. cfg.steps - 1``; returns ``(status, diverged_at, last step, steps done)``."""
     status, diverged_at = "completed", None
     slw = cfg.seqlen_warmup
     spike_steps = set(cfg.spikes.steps)
     slw_steps = slw.steps or max(1, cfg.optim.warmup_steps)
+    device = losses.device
     model.train()
     step = start
     for step in range(start, cfg.steps):
@@ -376,52 +490,89 @@ def train(
             if monitor is not None:
                 monitor.log({"val/loss": v}, step=step)
         if ckpt_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            _checkpoint(ckpt_path, model, optimizer, done, losses, val_losses, run_id, monitor)
+            if done == cfg.steps:  # the final validation goes into the last checkpoint: a resume does not redo (and log) it
+                _final_validation(model, ds, cfg, seq_len, val_losses, monitor, done)
+            _checkpoint(ckpt_path, model, optimizer, done, losses, val_losses, run_id, monitor, run_uid)
         if cfg.stop_at and done >= cfg.stop_at and done < cfg.steps:
             status = "interrupted"
             break
-
-    if guard is not None:
-        guard.close()
-        meta["guard"] = dict(guard.stats)
     steps_done = step + 1 if cfg.steps > start else start
-    if status == "completed":
-        v = evaluate(model, ds, cfg, seq_len)
-        val_losses.append((steps_done, v))
-        if monitor is not None:
-            monitor.log({"val/loss": v}, step=steps_done - 1)
-    if status == "interrupted" and ckpt_path is not None:
-        _checkpoint(ckpt_path, model, optimizer, steps_done, losses, val_losses, run_id, monitor)
+    return status, diverged_at, step, steps_done
 
-    train_loss = losses[:steps_done].cpu().numpy()
-    final_train = final_loss(train_loss)
-    final_val = val_losses[-1][1] if status == "completed" and val_losses else math.nan
-    history: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+def _final_validation(model, ds, cfg, seq_len, val_losses, monitor, steps_done: int) -> None:
+    v = evaluate(model, ds, cfg, seq_len)  # uses no random numbers: it may run before or after a checkpoint
+    val_losses.append((steps_done, v))
     if monitor is not None:
-        monitor.close(status, meta=dict(final_train_loss=final_train, final_val_loss=final_val, steps_done=steps_done))
-        history = {k: (np.asarray(s), np.asarray(v)) for k, (s, v) in monitor.history.items()}
-    attn = [np.nanmax(v) for k, (_, v) in history.items() if k.startswith("attn/logit_max/") and len(v) and np.isfinite(v).any()]
-    result = RunResult(
-        status=status, steps_done=steps_done, train_loss=train_loss, val_loss=val_losses,
-        final_train_loss=final_train, final_val_loss=final_val,
-        max_attn_logit=float(max(attn)) if attn else math.nan, history=history,
-        config=cfg.to_dict(), meta=meta, wall_time=time.time() - t_start,
-        run_dir=str(run_dir) if run_dir else None, run_id=run_id, store=store_path or None, diverged_at=diverged_at,
-        events=list(monitor.events) if monitor is not None else [],
-    )
-    if run_dir:
-        _write_json(run_dir / "result.json", dict(
-            status=status, steps_done=steps_done, final_train_loss=final_train, final_val_loss=final_val,
-            max_attn_logit=result.max_attn_logit, diverged_at=diverged_at, wall_time=result.wall_time, run_id=run_id,
-        ))
-    return result
+        monitor.log({"val/loss": v}, step=steps_done - 1)
 
 
-def _checkpoint(path, model, optimizer, step, losses, val_losses, run_id, monitor=None) -> None:
+def _refuse_finished_run(run_dir: Path) -> None:
+    """A resume of a run whose ``result.json`` says it finished would redo nothing and overwrite
+    its result with an empty one: refuse it and leave the files alone."""
+    path = run_dir / "result.json"
+    try:
+        status = json.loads(path.read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return  # no result yet (or an unreadable one): the checkpoint decides
+    if status in ("completed", "diverged"):
+        raise ConfigError(f"resume: the run in {run_dir} already finished ({status}, see {path}); nothing to resume")
+
+
+def _forget_rows_after_checkpoint(store_path: str, run_id: int | None, run_uid: str | None, step: int) -> int | None:
+    """Delete the stored rows of the resumed run at ``step`` and later (they are recomputed) and
+    return its run id: the checkpoint's, or the run whose meta carries ``run_uid`` (a kill between
+    creating the run and its first checkpoint)."""
+    if not Path(store_path).exists():
+        return run_id
+    with RunStore(store_path) as store:
+        if run_id is None and run_uid:
+            found = [r.run_id for r in store.runs() if r.meta.get("run_uid") == run_uid]
+            run_id = found[-1] if found else None
+        if run_id is not None:
+            store.delete_rows_from(int(run_id), step)
+    return run_id
+
+
+def _close_after_exception(exc: BaseException, monitor, guard, run_dir: Path | None, step: int, run_id, t_start: float) -> None:
+    """Store the true status of a run ended by ``exc`` (``interrupted`` or ``failed`` with a
+    one-line summary); never raises, so the original exception is what the caller sees."""
+    status, error = exit_status(exc), error_summary(exc)
+    if monitor is not None:
+        step = monitor.step_count  # steps the monitor recorded, the failing one included if it got that far
+    parts = [("guard", guard.close)] if guard is not None else []
+    if monitor is not None:
+        parts.append(("run store", lambda: monitor.close(status, meta=dict(error=error, steps_done=step))))
+    for what, close in parts:
+        try:
+            close()
+        except Exception as close_exc:  # noqa: BLE001 - the run's own exception is the one to report
+            warnings.warn(f"seismo: closing the {what} after {error} failed: {close_exc!r}", RuntimeWarning, stacklevel=3)
+    if run_dir is not None:
+        try:
+            _write_json(run_dir / "result.json", dict(status=status, steps_done=step, error=error, run_id=run_id,
+                                                      wall_time=time.time() - t_start))
+        except OSError as write_exc:
+            warnings.warn(f"seismo: writing {run_dir / 'result.json'} failed: {write_exc}", RuntimeWarning, stacklevel=3)
+
+
+def _commit_records(monitor) -> None:
+    """Flush the monitor and wait until its store has committed every row so far.
+
+    ``Monitor.set_status`` waits for the store writer before it writes the status, so after it
+    the rows of every finished step are on disk: only then may a checkpoint claim those steps.
+    """
+    monitor.flush()
+    monitor.set_status("running")
+
+
+def _checkpoint(path, model, optimizer, step, losses, val_losses, run_id, monitor=None, run_uid=None) -> None:
+    """Save the state after ``step`` steps, once every row up to that step is committed."""
     detectors = {}
-    if monitor is not None and monitor.diagnoser is not None:
-        monitor.flush()  # detectors must have seen every step up to the checkpoint
-        detectors = monitor.diagnoser.state_dict()
+    if monitor is not None:
+        _commit_records(monitor)  # also: the detectors have seen every step up to the checkpoint
+        if monitor.diagnoser is not None:
+            detectors = monitor.diagnoser.state_dict()
     save_checkpoint(path, {
         "detectors": detectors,
         "step": step,
@@ -431,6 +582,7 @@ def _checkpoint(path, model, optimizer, step, losses, val_losses, run_id, monito
         "losses": losses[:step].detach().cpu(),
         "val": [[s, v] for s, v in val_losses],
         "run_id": run_id,
+        "run_uid": run_uid,
     })
 
 
