@@ -1,4 +1,7 @@
-"""Plots (the ``plot`` extra: matplotlib, imported lazily)."""
+"""The demo's comparison figure: training loss, max attention logit and log Z for several runs.
+
+Matplotlib (the ``plot`` extra) is used without pyplot: see :mod:`seismo.report.figures`.
+"""
 
 from __future__ import annotations
 
@@ -8,65 +11,53 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["plot_runs", "MissingExtra"]
+from seismo.report.figures import MissingExtra, max_over_prefix, mpl_text, new_figure, save_figure
+
+__all__ = ["plot_runs", "runs_figure", "MissingExtra", "RUN_PANELS"]
+
+History = Mapping[str, tuple[np.ndarray, np.ndarray]]
+
+#: (signal name or prefix, y label, log scale): a prefix ending in "/" is the max over its modules.
+RUN_PANELS = (
+    ("loss", "training loss", False),
+    ("attn/logit_max/", "max attention logit", True),
+    ("logits/logz_mean", "mean log Z (output)", False),
+)
 
 
-class MissingExtra(ImportError):
-    """An optional dependency is not installed; the message says which extra to install."""
+def _panel_series(hist: History, name: str) -> tuple[np.ndarray, np.ndarray]:
+    if name in hist:
+        return hist[name]
+    if name.endswith("/"):
+        return max_over_prefix(hist, name)
+    return np.array([]), np.array([])
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingExtra("plots need matplotlib: pip install 'seismo[plot]'") from None
-    return plt
-
-
-def _max_over(history: Mapping[str, tuple[np.ndarray, np.ndarray]], prefix: str) -> tuple[np.ndarray, np.ndarray]:
-    """Pointwise max over every series whose name starts with ``prefix`` (aligned by step)."""
-    merged: dict[int, float] = {}
-    for name, (steps, vals) in history.items():
-        if name.startswith(prefix):
-            for s, v in zip(np.asarray(steps).tolist(), np.asarray(vals).tolist()):
-                if np.isfinite(v):
-                    merged[s] = max(merged.get(s, -np.inf), v)
-    if not merged:
-        return np.array([]), np.array([])
-    steps = np.array(sorted(merged))
-    return steps, np.array([merged[s] for s in steps])
-
-
-def plot_runs(histories: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], path: str | os.PathLike, title: str = "") -> Path:
-    """Three panels for several runs: training loss, max attention logit (log scale), mean log Z.
-
-    ``histories`` maps a run label to its signal history (``{name: (steps, values)}``). The file
-    is written atomically (temporary file, then rename).
-    """
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = [("loss", "training loss", False), ("attn/logit_max/", "max attention logit", True), ("logits/logz_mean", "mean log Z (output)", False)]
+def runs_figure(histories: Mapping[str, History], title: str = ""):
+    """One panel per :data:`RUN_PANELS` entry, one line per run (labelled with the run's key)."""
+    fig, axes = new_figure(1, len(RUN_PANELS), figsize=(15, 4.2))
     for label, hist in histories.items():
-        for ax, (prefix, ylabel, logy) in zip(axes, panels):
-            steps, vals = (hist[prefix] if prefix in hist else _max_over(hist, prefix))
+        for ax, (name, _, _) in zip(axes[0], RUN_PANELS):
+            steps, vals = _panel_series(hist, name)
             if len(steps):
-                ax.plot(steps, vals, label=label, linewidth=1.2)
-            ax.set_xlabel("step")
-            ax.set_ylabel(ylabel)
-            if logy:
-                ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-    axes[0].legend()
+                ax.plot(steps, vals, label=mpl_text(label), linewidth=1.2)
+    for ax, (_, ylabel, logy) in zip(axes[0], RUN_PANELS):
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if logy and ax.lines:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    if axes[0][0].lines:
+        axes[0][0].legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return fig
+
+
+def plot_runs(histories: Mapping[str, History], path: str | os.PathLike, title: str = "") -> Path:
+    """Write :func:`runs_figure` to ``path`` (format from the suffix), atomically.
+
+    ``histories`` maps a run label to its signal history (``{name: (steps, values)}``).
+    """
+    return save_figure(runs_figure(histories, title), path)
