@@ -30,8 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seismo.errors import ConfigError
+from seismo.monitor import AdamProbe, GradientProbe, LogitsProbe, LossProbe, Monitor, UpdateProbe, every
+from seismo.monitor.curvature_probe import CurvatureProbe
 from seismo.proxy.config import from_dict, to_dict
-from seismo.proxy.train import RunResult, final_loss, first_nonfinite_step
+from seismo.proxy.train import RunResult, close_after_exception, final_loss, first_nonfinite_step, sigterm_interrupts
 
 __all__ = ["FullBatchConfig", "train_fullbatch", "build_mlp", "modular_tensors", "regression_tensors"]
 
@@ -175,10 +177,10 @@ def _loss_fn(cfg: FullBatchConfig):
 
 
 def train_fullbatch(cfg: FullBatchConfig) -> RunResult:
-    """Train as ``cfg`` says; records go to ``cfg.store`` (if set) under ``cfg.run_name``."""
-    from seismo.monitor import AdamProbe, GradientProbe, LogitsProbe, LossProbe, Monitor, UpdateProbe, every
-    from seismo.monitor.curvature_probe import CurvatureProbe
+    """Train as ``cfg`` says; records go to ``cfg.store`` (if set) under ``cfg.run_name``.
 
+    The stored status is true on every way out, as in :func:`seismo.proxy.train`: an exception
+    stores ``failed`` with its one-line summary, Ctrl-C and SIGTERM store ``interrupted``."""
     cfg.validate()
     t_start = time.time()
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
@@ -217,6 +219,32 @@ def train_fullbatch(cfg: FullBatchConfig) -> RunResult:
 
     losses = torch.full((cfg.steps,), float("nan"), dtype=torch.float64)
     val_losses: list[tuple[int, float]] = []
+    try:
+        with sigterm_interrupts():
+            status, diverged_at, steps_done = _fullbatch_loop(cfg, model, opt, loss_fn, data, losses, val_losses, monitor)
+            train_loss = losses[:steps_done].numpy()
+            final_train = final_loss(train_loss)
+            final_val = val_losses[-1][1] if status == "completed" and val_losses else math.nan
+            history: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+            run_id = None
+            if monitor is not None:
+                monitor.close(status, meta=dict(final_train_loss=final_train, final_val_loss=final_val, steps_done=steps_done))
+                history = {k: (np.asarray(s), np.asarray(v)) for k, (s, v) in monitor.history.items()}
+                run_id = monitor.run_id
+    except BaseException as exc:
+        close_after_exception(exc, monitor, run_id=monitor.run_id if monitor is not None else None, t_start=t_start)
+        raise
+    return RunResult(
+        status=status, steps_done=steps_done, train_loss=train_loss, val_loss=val_losses, final_train_loss=final_train,
+        final_val_loss=final_val, max_attn_logit=math.nan, history=history, config=cfg.to_dict(), meta=meta,
+        wall_time=time.time() - t_start, run_id=run_id, store=cfg.store or None, diverged_at=diverged_at,
+        events=list(monitor.events) if monitor is not None else [],
+    )
+
+
+def _fullbatch_loop(cfg, model, opt, loss_fn, data, losses, val_losses, monitor) -> tuple[str, int | None, int]:
+    """Full-batch steps; returns ``(status, diverged_at, steps_done)``."""
+    X, Y = data["train"]
     status, diverged_at, step = "completed", None, 0
     for step in range(cfg.steps):
         loss = loss_fn(model(X), Y)
@@ -237,23 +265,7 @@ def train_fullbatch(cfg: FullBatchConfig) -> RunResult:
             val_losses.append((done, vals["val/loss"]))
             if monitor is not None:
                 monitor.log(vals, step=step)
-
-    steps_done = step + 1
-    train_loss = losses[:steps_done].numpy()
-    final_train = final_loss(train_loss)
-    final_val = val_losses[-1][1] if status == "completed" and val_losses else math.nan
-    history: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    run_id = None
-    if monitor is not None:
-        monitor.close(status, meta=dict(final_train_loss=final_train, final_val_loss=final_val, steps_done=steps_done))
-        history = {k: (np.asarray(s), np.asarray(v)) for k, (s, v) in monitor.history.items()}
-        run_id = monitor.run_id
-    return RunResult(
-        status=status, steps_done=steps_done, train_loss=train_loss, val_loss=val_losses, final_train_loss=final_train,
-        final_val_loss=final_val, max_attn_logit=math.nan, history=history, config=cfg.to_dict(), meta=meta,
-        wall_time=time.time() - t_start, run_id=run_id, store=cfg.store or None, diverged_at=diverged_at,
-        events=list(monitor.events) if monitor is not None else [],
-    )
+    return status, diverged_at, step + 1
 
 
 @torch.no_grad()

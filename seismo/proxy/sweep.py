@@ -7,6 +7,10 @@ stored exactly once. Trials are deterministic (one torch thread per worker, seed
 results do not depend on the number of workers or the backend.
 
 Backends: ``local`` (a process pool) and ``ray`` (Ray tasks; ``pip install 'seismo[ray]'``).
+
+A trial that raises is stored as ``failed`` with the exception's one-line summary (the sweep goes
+on); a re-run retries it and the new result replaces the failed one. Pool workers watch their
+parent and exit when it dies, so ``kill -9`` of the driver leaves no worker training on.
 """
 
 from __future__ import annotations
@@ -17,15 +21,22 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import torch
 
 from seismo.errors import ConfigError
 from seismo.proxy.config import apply_overrides
+from seismo.proxy.fullbatch import FullBatchConfig, train_fullbatch
+from seismo.proxy.measures import divergence_rate, lr_sensitivity, optimal_lr, trial_measures
+from seismo.proxy.presets import get_preset
+from seismo.proxy.train import TrainConfig, error_summary, train
+from seismo.store import RunStore
 
 __all__ = ["SweepConfig", "Trial", "expand", "run_sweep", "load_sweep_results", "load_sweep_file", "SweepSummary", "summarize_sweep"]
 
@@ -81,8 +92,6 @@ def _key(cfg: dict) -> str:
 
 def expand(sweep: SweepConfig) -> list[Trial]:
     """All trials of a sweep, in a fixed order; bad overrides fail here, before anything runs."""
-    from seismo.proxy.presets import get_preset
-
     sweep.validate()
     trials = []
     for iname, iov in sweep.interventions.items():
@@ -113,21 +122,22 @@ def run_trial(config: dict) -> dict:
     """Run one trial in the current process (one torch thread) and return a picklable record.
 
     ``config`` is a ``TrainConfig`` dict (TinyGPT) or, with ``kind == "fullbatch"``, a
-    :class:`seismo.proxy.fullbatch.FullBatchConfig` dict (full-batch MLP)."""
-    import torch
-
-    from seismo.proxy.measures import trial_measures
-
-    torch.set_num_threads(1)
+    :class:`seismo.proxy.fullbatch.FullBatchConfig` dict (full-batch MLP). An exception in
+    training gives a ``failed`` record carrying its one-line summary in ``error``."""
     t0 = time.time()
-    if config.get("kind") == "fullbatch":
-        from seismo.proxy.fullbatch import FullBatchConfig, train_fullbatch
+    try:
+        return _train_trial(config, t0)
+    except Exception as exc:  # noqa: BLE001 - one failing trial is recorded as failed; the sweep goes on
+        return dict(status="failed", error=error_summary(exc), steps_done=0, final_train_loss=math.nan,
+                    final_val_loss=math.nan, max_attn_logit=math.nan, wall_time=time.time() - t0, history={}, events=[])
 
+
+def _train_trial(config: dict, t0: float) -> dict:
+    torch.set_num_threads(1)
+    if config.get("kind") == "fullbatch":
         r = train_fullbatch(FullBatchConfig.from_dict(config))
         fallback_init = math.nan
     else:
-        from seismo.proxy.train import TrainConfig, train
-
         cfg = TrainConfig.from_dict(config)
         r = train(cfg)
         fallback_init = math.log(cfg.model.vocab_size)
@@ -143,16 +153,36 @@ def run_trial(config: dict) -> dict:
     )
 
 
-def _store_trial(store, trial: Trial, rec: dict) -> int:
+def exit_with_parent(parent_pid: int, poll_s: float = 0.2) -> None:
+    """Pool-worker initializer: exit this process as soon as ``parent_pid`` is no longer its parent.
+
+    A ``kill -9`` of the sweep driver cannot tell its workers anything; without this they would
+    finish their trials (and start queued ones) for nobody. A daemon thread polls ``os.getppid()``
+    (re-parenting is the only sign of the death that works on every POSIX system)."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)  # no cleanup: the parent is gone and nothing this worker holds is worth saving
+
+    threading.Thread(target=watch, name="seismo-exit-with-parent", daemon=True).start()
+
+
+def _store_trial(store, trial: Trial, rec: dict, replaces: int | None = None) -> int:
     meta = {k: v for k, v in rec.items() if k not in ("history", "events")}
     meta.update(sweep=trial.sweep, trial_key=trial.key, intervention=trial.intervention, size=trial.size, lr=trial.lr, seed=trial.seed)
     rows = [(int(s), name, float(v)) for name, (steps, vals) in rec["history"].items() for s, v in zip(steps, vals)]
     events = [{k: e[k] for k in ("step", "kind", "severity", "module", "message", "evidence", "advice")} for e in rec["events"]]
-    return store.record_run(trial.run_name, config=trial.config, meta=meta, status=rec["status"], metrics=rows, events=events)
+    return store.record_run(trial.run_name, config=trial.config, meta=meta, status=rec["status"], metrics=rows, events=events,
+                            replaces=replaces)
 
 
 def finished_keys(store, sweep_name: str) -> set[str]:
     return {r.meta.get("trial_key") for r in store.runs() if r.meta.get("sweep") == sweep_name and r.status in ("completed", "diverged")}
+
+
+def failed_runs(store, sweep_name: str) -> dict[str, int]:
+    """``{trial key: run id}`` of the sweep's failed trials: a re-run retries them in their place."""
+    return {r.meta.get("trial_key"): r.run_id for r in store.runs() if r.meta.get("sweep") == sweep_name and r.status == "failed"}
 
 
 def _local_results(todo: list[Trial], workers: int) -> Iterator[tuple[Trial, dict]]:
@@ -163,7 +193,8 @@ def _local_results(todo: list[Trial], workers: int) -> Iterator[tuple[Trial, dic
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(run_trial, t.config): t for t in todo}
         try:
             for fut in cf.as_completed(futures):
@@ -212,8 +243,6 @@ def run_sweep(
 
     ``on_progress(done, total, running, trial)`` is called as trials finish.
     """
-    from seismo.store import RunStore
-
     if backend not in BACKENDS:
         raise ConfigError(f"backend: must be one of {BACKENDS}, got {backend!r}")
     workers = workers or os.cpu_count() or 1
@@ -223,6 +252,7 @@ def run_sweep(
     store = RunStore(store_path)
     try:
         done_keys = finished_keys(store, sweep.name)
+        failed = failed_runs(store, sweep.name)
         todo = [t for t in trials if t.key not in done_keys]
         total, done = len(trials), len(trials) - len(todo)
         if on_progress:
@@ -230,7 +260,7 @@ def run_sweep(
         results = _ray_results(todo, workers, ray_address) if backend == "ray" else _local_results(todo, workers)
         new_ids = []
         for trial, rec in results:
-            new_ids.append(_store_trial(store, trial, rec))
+            new_ids.append(_store_trial(store, trial, rec, replaces=failed.pop(trial.key, None)))
             done += 1
             if on_progress:
                 on_progress(done, total, min(workers, total - done), trial)
@@ -257,8 +287,6 @@ def load_sweep_results(store_path: str | os.PathLike, sweep_name: str, keys: set
     ``keys`` (trial keys, e.g. ``{t.key for t in expand(sweep)}``) keeps only the trials of that
     exact grid: a sweep re-run under the same name with other settings (``--set steps=...``, a
     newer seismo whose configs carry another field) stores new trials next to the old ones."""
-    from seismo.store import RunStore
-
     with RunStore(store_path) as store:
         return [dict(r.meta, run_id=r.run_id, status=r.status) for r in store.runs()
                 if r.meta.get("sweep") == sweep_name and r.status in ("completed", "diverged")
@@ -268,8 +296,6 @@ def load_sweep_results(store_path: str | os.PathLike, sweep_name: str, keys: set
 def summarize_sweep(rows: list[dict], name: str = "") -> SweepSummary:
     """LR sensitivity (final validation loss, seeds averaged), best LR and divergence rate per
     (intervention, size)."""
-    from seismo.proxy.measures import divergence_rate, lr_sensitivity, optimal_lr
-
     groups: dict[tuple[str, str], dict[float, list[dict]]] = {}
     n_params: dict[str, float] = {}
     for r in rows:

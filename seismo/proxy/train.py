@@ -408,7 +408,7 @@ def train(
                 monitor.close(status, meta=dict(final_train_loss=final_train, final_val_loss=final_val, steps_done=steps_done))
                 history = {k: (np.asarray(s), np.asarray(v)) for k, (s, v) in monitor.history.items()}
     except BaseException as exc:
-        _close_after_exception(exc, monitor, guard, run_dir, step, run_id, t_start)
+        close_after_exception(exc, monitor, guard, run_dir, step, run_id, t_start)
         raise
     attn = [np.nanmax(v) for k, (_, v) in history.items() if k.startswith("attn/logit_max/") and len(v) and np.isfinite(v).any()]
     result = RunResult(
@@ -534,7 +534,8 @@ def _forget_rows_after_checkpoint(store_path: str, run_id: int | None, run_uid: 
     return run_id
 
 
-def _close_after_exception(exc: BaseException, monitor, guard, run_dir: Path | None, step: int, run_id, t_start: float) -> None:
+def close_after_exception(exc: BaseException, monitor, guard=None, run_dir: Path | None = None, step: int = 0, run_id=None,
+                          t_start: float = 0.0) -> None:
     """Store the true status of a run ended by ``exc`` (``interrupted`` or ``failed`` with a
     one-line summary); never raises, so the original exception is what the caller sees."""
     status, error = exit_status(exc), error_summary(exc)
