@@ -68,6 +68,9 @@ class SweepConfig:
             raise ConfigError(f"sweep.lrs: need positive learning rates, got {self.lrs!r}")
         if not self.sizes or not self.interventions or not self.seeds:
             raise ConfigError("sweep: sizes, interventions and seeds must each have at least one entry")
+        bad = [s for s in self.seeds if not isinstance(s, int) or isinstance(s, bool) or s < 0]
+        if bad:  # int(1.5) would silently run seed 1
+            raise ConfigError(f"sweep.seeds: must be integers >= 0, got {bad[0]!r}")
 
 
 @dataclass(frozen=True)
