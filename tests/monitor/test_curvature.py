@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 
-from seismo.mitigate.optimizers import lamb, spam, stable_spam
 from seismo.monitor.curvature import (
     adam_preconditioner,
     has_stability_threshold,
@@ -30,7 +29,6 @@ from seismo.monitor.curvature import (
 )
 from seismo.monitor.curvature_probe import CurvatureProbe
 from seismo.monitor.monitor import Monitor
-from seismo.monitor.schedules import every
 
 DT = torch.float64
 
@@ -398,10 +396,17 @@ def test_preconditioned_sharpness_matches_dense(amsgrad):
         sharpness(model, lambda: F.cross_entropy(model(x), y), preconditioner=P[:-1])
 
 
-def _spam_trained_mlp(steps: int, **kw):
+def _spam(params, **kw):
+    """SPAM with the paper's defaults (seismo.mitigate.optimizers), skipped without pytorch-optimizer."""
     pytest.importorskip("pytorch_optimizer")
+    from seismo.mitigate.optimizers import spam
+
+    return spam(params, **kw)
+
+
+def _spam_trained_mlp(steps: int, **kw):
     model, x, y = mlp_setup(4)
-    opt = spam(model.parameters(), lr=1e-2, **kw)
+    opt = _spam(model.parameters(), lr=1e-2, **kw)
     for _ in range(steps):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -676,9 +681,12 @@ def _other_optimizers(p):
     yield torch.optim.Adamax(p, lr=0.1)
     yield torch.optim.RMSprop(p, lr=0.1)
     try:
-        yield from (lamb(p), spam(p), stable_spam(p))
-    except ImportError:  # pragma: no cover - without the optim extra (pytorch-optimizer)
+        import pytorch_optimizer  # noqa: F401 - the optim extra
+    except ImportError:  # pragma: no cover - without the optim extra
         return
+    from seismo.mitigate.optimizers import lamb, spam, stable_spam
+
+    yield from (lamb(p), spam(p), stable_spam(p))
 
 
 def test_no_threshold_where_none_is_derived():
@@ -692,29 +700,36 @@ def test_no_threshold_where_none_is_derived():
         stability_threshold(torch.optim.SGD(p, lr=0.0))
 
 
-@pytest.mark.parametrize("kind", ["nadam", "spam"])
-def test_curvature_probe_records_precond_sharpness_without_threshold(kind):
-    """For an optimizer without a derived threshold the probe records max_eig and max_eig_precond
-    (the Adam-form P of its moments) and no threshold, so the edge-of-stability detector stays quiet."""
+@pytest.mark.parametrize("kind", ["adamw", "nadam", "spam"])
+def test_curvature_probe_precond_sharpness_and_threshold(kind):
+    """Through the Monitor, at t = 10: max_eig_precond is the top eigenvalue of P^-1 H (dense,
+    bias-corrected P from the raw state) within 0.1%. AdamW gets (2 + 2 beta1)/((1 - beta1) lr);
+    NAdam and SPAM, without a derived threshold, get none (the edge-of-stability detector, which
+    needs hessian/threshold, stays quiet) but still record both eigenvalues."""
+    t, lr = 10, 1e-2
     model, x, y = mlp_setup(9)
-    if kind == "nadam":
-        opt = torch.optim.NAdam(model.parameters(), lr=1e-2)
+    if kind == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.0)
+    elif kind == "nadam":
+        opt = torch.optim.NAdam(model.parameters(), lr=lr)
     else:
-        pytest.importorskip("pytorch_optimizer")
-        opt = spam(model.parameters(), lr=1e-2)
+        opt = _spam(model.parameters(), lr=lr)
     dim = sum(p.numel() for p in model.parameters())
-    probe = CurvatureProbe(lambda m: F.cross_entropy(m(x), y), schedule=every(1), iters=dim)
+    probe = CurvatureProbe(lambda m: F.cross_entropy(m(x), y), schedule=lambda s: s == t - 1, iters=dim)
     mon = Monitor(model, opt, probes=[probe], flush_every=1)
-    for _ in range(3):
+    for _ in range(t):
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         mon.step(loss)
     assert not mon.disabled
-    assert "hessian/threshold" not in mon.history
     H = dense_hessian(model, lambda out: F.cross_entropy(out, y), x)
-    P = _precond_reference(opt, list(model.parameters()), t=3)
-    assert mon.series("hessian/max_eig_precond")[1][-1] == pytest.approx(_top_eig_of_Pinv_H(P, H), rel=1e-3)
-    assert mon.series("hessian/max_eig")[1][-1] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-3)
+    P = _precond_reference(opt, list(model.parameters()), t=t)
+    assert mon.series("hessian/max_eig_precond")[1] == [pytest.approx(_top_eig_of_Pinv_H(P, H), rel=1e-3)]
+    assert mon.series("hessian/max_eig")[1] == [pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-3)]
+    if kind == "adamw":
+        assert mon.series("hessian/threshold")[1] == [pytest.approx(38 / lr, rel=1e-6)]
+    else:
+        assert "hessian/threshold" not in mon.history
     mon.close()
