@@ -44,12 +44,14 @@ STALE_AFTER_S = 60.0
 
 
 def effective_status(recorded: str, heartbeat: float | None, created_at: str, now: float | None = None,
-                     stale_after_s: float = STALE_AFTER_S) -> str:
-    """``recorded``, except ``stale`` for a ``running`` run silent for more than ``stale_after_s``.
+                     stale_after_s: float | None = None) -> str:
+    """``recorded``, except ``stale`` for a ``running`` run silent for more than ``stale_after_s``
+    seconds (default :data:`STALE_AFTER_S`).
 
     A run without a heartbeat (created by a store older than schema version 2) counts from its
     ``created_at``.
     """
+    stale_after_s = STALE_AFTER_S if stale_after_s is None else stale_after_s
     if recorded != RUNNING:
         return recorded
     last = heartbeat

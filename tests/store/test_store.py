@@ -415,7 +415,7 @@ _KILL_CHILD = textwrap.dedent(
     """
     import sys
     import time
-    from seismo.store.store import AsyncWriter, RunStore
+    from seismo.store import AsyncWriter, RunStore
     path, mode = sys.argv[1], sys.argv[2]
     store = RunStore(path)
     run = store.create_run("victim")
@@ -641,3 +641,253 @@ def test_async_writer_drops_batches_with_one_warning_when_it_cannot_keep_up(
     assert not writer.failed
     with RunStore(store_path) as s:
         assert s.series(run, "loss")[0].tolist() == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------
+# Opening files that are not (yet) stores; migration
+# ---------------------------------------------------------------------------
+
+# The version-1 schema as it was shipped (copied here, not imported: the test must not follow the code).
+_V1_DDL = [
+    "CREATE TABLE runs (run_id INTEGER PRIMARY KEY, name TEXT NOT NULL, created_at TEXT NOT NULL, "
+    "status TEXT NOT NULL, config_json TEXT NOT NULL DEFAULT '{}', meta_json TEXT NOT NULL DEFAULT '{}')",
+    "CREATE INDEX runs_name ON runs(name)",
+    "CREATE TABLE metrics (run_id INTEGER NOT NULL REFERENCES runs(run_id), step INTEGER NOT NULL, name TEXT NOT NULL, value REAL)",
+    "CREATE INDEX metrics_run_name_step ON metrics(run_id, name, step)",
+    "CREATE TABLE events (event_id INTEGER PRIMARY KEY AUTOINCREMENT, run_id INTEGER NOT NULL REFERENCES runs(run_id), "
+    "step INTEGER, kind TEXT NOT NULL, severity TEXT, module TEXT, message TEXT, evidence_json TEXT NOT NULL DEFAULT '{}', advice TEXT)",
+    "CREATE INDEX events_run_kind_step ON events(run_id, kind, step)",
+]
+
+
+def _journal_mode(path: Path) -> str:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("PRAGMA journal_mode").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_version_1_store_is_migrated_keeping_every_row(store_path: Path) -> None:
+    store_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(store_path)
+    for statement in _V1_DDL:
+        conn.execute(statement)
+    conn.execute("PRAGMA application_id = 1397968207")  # 0x53534D4F, "SSMO"
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO runs VALUES (1, 'old', '2026-01-01T00:00:00.000000+00:00', 'running', '{}', '{\"a\": 1}')")
+    conn.execute("INSERT INTO runs VALUES (2, 'done', '2026-01-01T00:00:00.000000+00:00', 'completed', '{}', '{}')")
+    conn.executemany("INSERT INTO metrics VALUES (1, ?, 'loss', ?)", [(0, 2.5), (1, None), (2, 1.5)])
+    conn.commit()
+    conn.close()
+
+    with RunStore(store_path) as s:
+        old, done = s.find_run("old"), s.find_run("done")
+        steps, values = s.series(1, "loss")
+    assert old.meta == {"a": 1} and steps.tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(values, [2.5, math.nan, 1.5])
+    # Left `running` in January with no heartbeat column: nobody is writing it any more.
+    assert (old.recorded_status, old.status, old.heartbeat) == ("running", "stale", None)
+    assert done.status == "completed"
+    conn = sqlite3.connect(store_path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert "heartbeat" in [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
+    finally:
+        conn.close()
+
+
+def test_foreign_sqlite_file_keeps_its_journal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE unrelated (x)")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    assert _journal_mode(path) == "delete"
+    with pytest.raises(StoreError, match="not a seismo run store"):
+        RunStore(path)
+    assert path.read_bytes() == before  # not one byte changed: no WAL switch, no schema
+    assert not (tmp_path / "other.db-wal").exists()
+    assert _journal_mode(path) == "delete"
+
+
+def test_empty_sqlite_database_of_another_program_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "blank.db"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 0")
+    conn.execute("VACUUM")  # writes a valid header: an SQLite database with no tables
+    conn.close()
+    size = path.stat().st_size
+    with pytest.raises(StoreError, match="not a seismo run store"):
+        RunStore(path)
+    assert path.stat().st_size == size
+
+
+def test_zero_byte_file_is_refused_and_left_empty(tmp_path: Path) -> None:
+    path = tmp_path / "empty.sqlite"
+    path.touch()
+    with pytest.raises(StoreError, match="empty file"):
+        RunStore(path)
+    assert path.stat().st_size == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.sqlite"]
+
+
+def test_many_openers_of_a_new_store_at_once_share_one_store(store_path: Path) -> None:
+    n = 8
+    barrier = threading.Barrier(n)
+    run_ids: list[int] = []
+    errors: list[BaseException] = []
+
+    def open_and_create(i: int) -> None:
+        try:
+            barrier.wait()
+            with RunStore(store_path) as s:
+                run_ids.append(s.create_run(f"r{i}"))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_and_create, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with RunStore(store_path) as s:
+        assert sorted(r.name for r in s.runs()) == sorted(f"r{i}" for i in range(n))
+    assert sorted(run_ids) == list(range(1, n + 1))
+    assert [p.name for p in store_path.parent.iterdir() if p.name.endswith(".new")] == []  # no temporary file left
+
+
+# ---------------------------------------------------------------------------
+# Run status: heartbeat and stale runs
+# ---------------------------------------------------------------------------
+
+
+def _set_heartbeat(path: Path, run_id: int, value: float) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE runs SET heartbeat = ? WHERE run_id = ?", (value, run_id))
+    conn.commit()
+    conn.close()
+
+
+def _heartbeat(path: Path, run_id: int) -> float:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT heartbeat FROM runs WHERE run_id = ?", (run_id,)).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_running_run_without_heartbeat_for_a_minute_is_stale(store_path: Path) -> None:
+    with RunStore(store_path) as s:
+        live, dead, done = s.create_run("live"), s.create_run("dead"), s.create_run("done")
+        s.set_status(done, "completed")
+    now = time.time()
+    _set_heartbeat(store_path, live, now - 30)
+    _set_heartbeat(store_path, dead, now - 61)
+    _set_heartbeat(store_path, done, now - 3600)
+    with RunStore(store_path) as s:
+        status = {r.name: (r.status, r.recorded_status) for r in s.runs()}
+        assert s.find_run("dead").status == "stale"
+    assert status == {"live": ("running", "running"), "dead": ("stale", "running"), "done": ("completed", "completed")}
+
+
+def test_writes_and_status_changes_refresh_the_heartbeat(store: RunStore, store_path: Path) -> None:
+    run = store.create_run("r")
+    assert abs(_heartbeat(store_path, run) - time.time()) < 5
+    for write in (lambda: store.log_metrics(run, [(0, "x", 1.0)]), lambda: store.set_status(run, "running"), lambda: store.touch(run)):
+        _set_heartbeat(store_path, run, 0.0)
+        write()
+        assert abs(_heartbeat(store_path, run) - time.time()) < 5
+    with pytest.raises(StoreError, match="stale"):
+        store.set_status(run, "stale")  # derived from the heartbeat, never stored
+    with pytest.raises(StoreError, match="no run 99"):
+        store.touch(99)
+
+
+def test_idle_async_writer_keeps_beating_and_stops_when_closed(store_path: Path) -> None:
+    with RunStore(store_path) as s:
+        run = s.create_run("idle")
+    _set_heartbeat(store_path, run, 0.0)
+    writer = AsyncWriter(store_path, run, heartbeat_every_s=0.1)
+    deadline = time.time() + 10
+    while _heartbeat(store_path, run) == 0.0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert _heartbeat(store_path, run) > time.time() - 5  # beat without any row written
+    writer.close()
+    _set_heartbeat(store_path, run, 1.0)
+    time.sleep(0.4)
+    assert _heartbeat(store_path, run) == 1.0  # a closed writer is silent
+
+
+_BEATING_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from seismo.store import AsyncWriter, RunStore
+    store = RunStore(sys.argv[1])
+    run = store.create_run("victim")
+    writer = AsyncWriter(sys.argv[1], run, heartbeat_every_s=0.1)
+    print("ready", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_kill_9_leaves_the_run_running_with_a_heartbeat_that_stops(store_path: Path, monkeypatch) -> None:
+    store_path.parent.mkdir(parents=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-c", _BEATING_CHILD, str(store_path)], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        first = _heartbeat(store_path, 1)
+        deadline = time.time() + 10
+        while _heartbeat(store_path, 1) == first and time.time() < deadline:
+            time.sleep(0.05)
+        assert _heartbeat(store_path, 1) > first  # alive: beating
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+    last = _heartbeat(store_path, 1)
+    time.sleep(0.5)
+    assert _heartbeat(store_path, 1) == last  # dead: silent
+    with RunStore(store_path) as s:
+        assert s.find_run(1).status == "running"  # within the minute it may still be alive
+        monkeypatch.setattr("seismo.store.records.STALE_AFTER_S", 0.2)
+        assert s.find_run(1).status == "stale"
+        assert s.find_run(1).recorded_status == "running"
+
+
+# ---------------------------------------------------------------------------
+# Deleting rows for resume, replacing a failed sweep trial
+# ---------------------------------------------------------------------------
+
+
+def test_delete_rows_from_a_step_touches_only_that_run_and_those_steps(store: RunStore) -> None:
+    a, b = store.create_run("a"), store.create_run("b")
+    for run in (a, b):
+        store.log(run, metrics=[(s, n, float(s)) for s in range(10) for n in ("x", "y")],
+                  events=[{"step": s, "kind": "k"} for s in (2, 5, 9)] + [{"kind": "no_step"}])
+    assert store.delete_rows_from(a, 5) == (10, 2)  # steps 5..9 of two metrics; the events at 5 and 9
+    assert store.series(a, "x")[0].tolist() == [0, 1, 2, 3, 4]
+    assert store.series(a, "y")[0].tolist() == [0, 1, 2, 3, 4]
+    assert [e["step"] for e in store.events(a)] == [2, None]
+    assert store.series(b, "x")[0].tolist() == list(range(10))
+    assert [e["step"] for e in store.events(b)] == [2, 5, 9, None]
+    with pytest.raises(StoreError, match="no run 77"):
+        store.delete_rows_from(77, 0)
+
+
+def test_record_run_replaces_a_run_in_the_same_transaction(store: RunStore) -> None:
+    failed = store.record_run("t", status="failed", metrics=[(0, "x", 1.0)], events=[{"kind": "k"}])
+    keep = store.record_run("other", metrics=[(0, "x", 2.0)])
+    with pytest.raises(StoreError, match="metric name"):
+        store.record_run("t", metrics=[(0, "", 1.0)], replaces=failed)  # a bad batch: the failed run must survive
+    assert store.find_run(failed).status == "failed"
+    new = store.record_run("t", status="completed", metrics=[(0, "x", 3.0)], replaces=failed)
+    assert [(r.run_id, r.name, r.status) for r in store.runs()] == [(keep, "other", "completed"), (new, "t", "completed")]
+    assert store.series(new, "x")[1].tolist() == [3.0]
+    conn = store._connection()
+    assert conn.execute("SELECT count(*) FROM metrics WHERE run_id = ?", (failed,)).fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM events WHERE run_id = ?", (failed,)).fetchone()[0] == 0
