@@ -61,12 +61,13 @@ def adam_second_moment(state: Mapping[str, Any], group: Mapping[str, Any]) -> Te
 def bias_corrections(step: Tensor | float, beta1: float, beta2: float) -> tuple[Tensor | float, Tensor | float]:
     """``(1 - beta1^t, 1 - beta2^t)`` (Kingma & Ba 2015, arXiv 1412.6980).
 
-    A plain number or a CPU tensor (``torch.optim``'s default) is computed on the host in float64
-    without any device synchronisation; a step tensor on an accelerator (``capturable``/``fused``)
-    stays there and the corrections are 0-d tensors on its device.
+    A plain number gives plain floats. A step tensor stays where it is (``torch.optim`` keeps a
+    0-d CPU tensor, or one on the parameters' device with ``capturable``/``fused``) and the
+    corrections are 0-d tensors on its device (float64, float32 on MPS), which divide tensors on
+    any device: nothing is moved to the host.
     """
-    if isinstance(step, Tensor) and step.device.type != "cpu":
-        t = step.detach().float()
+    if isinstance(step, Tensor):
+        t = step.detach().to(torch.float32 if step.device.type == "mps" else torch.float64)
         return 1 - torch.pow(float(beta1), t), 1 - torch.pow(float(beta2), t)
     t = float(step)
     return 1.0 - float(beta1) ** t, 1.0 - float(beta2) ** t
