@@ -30,7 +30,8 @@ import warnings
 import torch
 from _machine import cpu_model, loadavg
 
-from seismo.mitigate.guard import Guard, _atomic_save
+from seismo._io import atomic_torch_save as _atomic_save
+from seismo.mitigate.guard import Guard
 from seismo.proxy.model import GPTConfig, TinyGPT
 
 D, L, H, T, B, V = 128, 2, 4, 128, 32, 256

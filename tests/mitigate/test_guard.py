@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from seismo.errors import ConfigError
 from seismo.mitigate.guard import (
     GUARD_KINDS,
     TRACKER_NAME,
@@ -39,9 +40,9 @@ from seismo.mitigate.guard import (
     GuardConfig,
     GuardGaveUp,
     GuardWarning,
-    _SpikeWindow,
     data_index,
 )
+from seismo.mitigate.guard.window import SpikeWindow
 
 MODES = ("sync", "mask", "fused")
 
@@ -156,16 +157,22 @@ def test_skipped_step_leaves_params_and_adam_state_bitwise_unchanged(mode):
     assert all(float(s["step"]) == 58 for s in opt.state_dict()["state"].values())
 
 
-def test_skip_warns_loudly_and_returns_the_decision_as_a_tensor():
+def test_skip_is_logged_not_warned_and_returns_the_decision_as_a_tensor(caplog):
     model, opt = make_mlp()
     guard = Guard(model, opt, policy="skip")
     decisions = []
-    with pytest.warns(GuardWarning, match=r"skipped step 30 \(data index 30\): non-finite loss"):
-        for i in guard.steps(32):
-            x, y = mlp_batch(i)
-            loss = F.mse_loss(model(x), y) * (float("inf") if i == 30 else 1.0)
-            loss.backward()
-            decisions.append(guard.step(loss))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a skip is an event, never a warning
+        with caplog.at_level("WARNING", logger="seismo.guard"):
+            for i in guard.steps(32):
+                x, y = mlp_batch(i)
+                loss = F.mse_loss(model(x), y) * (float("inf") if i == 30 else 1.0)
+                loss.backward()
+                decisions.append(guard.step(loss))
+    (rec,) = [r for r in caplog.records if r.name == "seismo.guard"]
+    assert rec.levelname == "WARNING"
+    assert "skipped step 30 (data index 30): non-finite loss" in rec.getMessage()
+    assert rec.seismo_event.kind == "guard_skip" and rec.seismo_event is guard.events[0]
     assert all(isinstance(d, torch.Tensor) and d.dtype == torch.bool and d.dim() == 0 for d in decisions)
     assert [bool(d) for d in decisions].index(True) == 30 and sum(bool(d) for d in decisions) == 1
 
@@ -197,7 +204,7 @@ def test_spike_window_matches_slow_reference():
     xs[spikes] += rng.uniform(0.2, 3.0, size=25)  # some small (not flagged), some large
     xs[[50, 51, 52]] = [np.nan, np.inf, 10.0]
     cfg = GuardConfig(window=64, warmup=20, z=6.0, loss_min_jump=0.05, watch_grad_norm=False)
-    win = _SpikeWindow(cfg)
+    win = SpikeWindow(cfg)
     got = []
     for x in xs:
         vals = torch.tensor([x, 1.0], dtype=torch.float32)
@@ -368,7 +375,7 @@ def test_rollback_restores_from_disk_when_the_ring_is_too_short(tmp_path):
 
 
 def test_gives_up_after_the_retry_cap_with_a_diagnosis(tmp_path):
-    from seismo.report import RunStore
+    from seismo.store import RunStore
 
     store = tmp_path / "runs.sqlite"
     with RunStore(store) as s:
@@ -419,17 +426,19 @@ def test_a_lasting_grad_norm_shift_is_accepted_not_rolled_back(policy):
     assert guard.step_count == 80  # no rewind
 
 
-def test_skip_policy_accepts_a_lasting_loss_shift_and_warns():
+def test_skip_policy_accepts_a_lasting_loss_shift_and_says_so(caplog):
     model, opt = make_mlp()
     guard = Guard(model, opt, policy="skip")
-    with pytest.warns(GuardWarning, match=r"did not recover \(5 consecutive skipped steps\); policy 'skip' cannot undo"):
+    with caplog.at_level("WARNING", logger="seismo.guard"):
         _run_until_give_up(guard, model, bad_from=30, n=80)
+    (reset,) = [r for r in caplog.records if r.seismo_event.kind == "guard_reset"]
+    assert "did not recover (5 consecutive skipped steps); policy 'skip' cannot undo" in reset.getMessage()
     assert guard.stats["window_resets"] == 1 and guard.stats["skipped_steps"] == 5
 
 
 def test_monitor_receives_guard_events(tmp_path):
     from seismo.monitor import Monitor
-    from seismo.report import load_run
+    from seismo.store import load_run
 
     model, opt = make_mlp()
     store = tmp_path / "runs.sqlite"
@@ -447,19 +456,42 @@ def test_monitor_receives_guard_events(tmp_path):
     assert [(e["kind"], e["step"]) for e in events if e["kind"].startswith("guard")] == [("guard_skip", 25)]
 
 
-def test_config_is_validated():
+@pytest.mark.parametrize("field, value, match", [
+    ("policy", "pray", r"GuardConfig\.policy: must be one of \('skip', 'rollback'\), got 'pray'"),
+    ("window", 3, r"GuardConfig\.window: must be >= 4, got 3"),
+    ("window", 10.0, r"GuardConfig\.window: must be an integer >= 1, got 10\.0"),
+    ("warmup", 200, r"GuardConfig\.warmup: must be <= window \(128\), got 200"),
+    ("z", float("nan"), r"GuardConfig\.z: must be a finite number > 0, got nan"),
+    ("z", "6", r"GuardConfig\.z: must be a finite number > 0, got '6'"),
+    ("rollback_lr_factor", 0.0, r"GuardConfig\.rollback_lr_factor: must be in \(0, 1\]"),
+    ("disk_interval", 75, r"GuardConfig\.disk_interval: must be a multiple of interval \(50\), got 75"),
+    ("max_grad_norm", -1.0, r"GuardConfig\.max_grad_norm: must be a finite number >= 0"),
+    ("zero_grad", 1, r"GuardConfig\.zero_grad: must be True or False, got 1"),
+])
+def test_config_is_validated_at_construction_naming_the_field(field, value, match):
+    import dataclasses
+
+    with pytest.raises(ConfigError, match=match):
+        GuardConfig(**{field: value})
+    with pytest.raises(ConfigError, match=match):  # replace() builds a new config: validated too
+        dataclasses.replace(GuardConfig(), **{field: value})
     model, opt = make_mlp()
-    with pytest.raises(TypeError, match="unknown option"):
+    with pytest.raises(ConfigError, match=match):
+        Guard(model, opt, **{field: value})
+    assert issubclass(ConfigError, ValueError)
+    assert not hasattr(GuardConfig, "validate")
+
+
+def test_guard_options_are_checked_at_construction():
+    model, opt = make_mlp()
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['windw'\]"):
         Guard(model, opt, windw=10)
-    with pytest.raises(ValueError, match="policy"):
-        Guard(model, opt, policy="pray")
-    with pytest.raises(ValueError, match="disk_interval"):
-        Guard(model, opt, interval=50, disk_interval=75)
-    with pytest.raises(ValueError, match="fused=True"):
-        g = Guard(model, opt, skip_mode="fused")
-        x, y = mlp_batch(0)
-        F.mse_loss(model(x), y).backward()
-        g.step(torch.tensor(1.0))
+    with pytest.raises(ConfigError, match=r"skip_mode: 'fused' needs a torch optimizer built with fused=True"):
+        Guard(model, opt, skip_mode="fused")  # known before the first step
+    with pytest.raises(ConfigError, match=r"run_id: a Guard with store= needs run_id"):
+        Guard(model, opt, store="runs.sqlite")
+    with pytest.raises(ConfigError, match=r"stateful\['sched'\]: needs state_dict\(\) and load_state_dict\(\), got int"):
+        Guard(model, opt, stateful={"sched": 3})
 
 
 # --- crash safety ------------------------------------------------------------------------------
