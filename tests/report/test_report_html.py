@@ -183,3 +183,18 @@ def test_bad_references_fail_with_one_line(store_path, tmp_path):
     with pytest.raises(ConfigError, match="runs"):
         write_report(store_path, [], tmp_path / "r.html")
     assert not (tmp_path / "r.html").exists()
+
+
+def test_a_diverged_run_with_nan_and_inf_renders(store_path, tmp_path):
+    sig = signals()
+    for name, (s, v) in sig.items():
+        v = v.copy()
+        v[len(v) // 2:] = np.nan
+        v[-1] = np.inf
+        sig[name] = (s, v)
+    sig["grad/norm/all_nan"] = (sig["loss"][0], np.full(len(sig["loss"][0]), np.nan))
+    write_run(store_path, "boom", sig, [{"step": 40, "kind": "nonfinite", "severity": "critical", "message": "loss is NaN"}],
+              status="diverged")
+    _, page = _report(store_path, tmp_path, ["boom"])
+    assert page.tags("svg", "loss") and page.tags("svg", "attn-logit")
+    assert "NaN/Inf appeared" in page.section_text("diagnosis")
