@@ -94,7 +94,7 @@ TIMER = CodeTimer()
 
 def instrument() -> None:
     """Route the monitor's entry points through TIMER (before any Monitor is built)."""
-    import seismo.monitor.attention_sites as sites
+    import seismo.monitor.attention.interception as sites
     import seismo.monitor.monitor as monitor_mod
     import seismo.monitor.probe as probe_mod
     from seismo.proxy.model import CausalSelfAttention

@@ -60,6 +60,13 @@ class Diagnoser:
                     warnings.warn(f"seismo: event sink is off: {exc!r}", RuntimeWarning, stacklevel=2)
         return new
 
+    def write_records(self, records: Sequence[tuple[int, Mapping[str, float]]]) -> list[Event]:
+        """The RecordSink form (``seismo.events``): run the detectors over a flush, return the new events."""
+        new: list[Event] = []
+        for step, values in records:
+            new.extend(self(step, values))
+        return new
+
     def state_dict(self) -> dict:
         return {d.name: d.state_dict() for d in self.detectors}
 
@@ -83,6 +90,10 @@ class AlertPrinter:
         self.min_rank = {"info": 0, "warning": 1, "critical": 2}[min_severity]
         self.last: dict[tuple[str, str], int] = {}
         self.held: dict[tuple[str, str], int] = defaultdict(int)
+
+    def write_events(self, events: Sequence[Event]) -> None:
+        """The EventSink form (``seismo.events``)."""
+        self(list(events))
 
     def __call__(self, events: list[Event]) -> None:
         for e in events:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch import Tensor
 
 from seismo.monitor.logits import extract_logits
-from seismo.monitor.probe import HookSet, ProbeContext, ProbeFailure
-from seismo.monitor.schedules import Schedule, every
+from seismo.monitor.probe import HookedProbe, ProbeContext, ProbeFailure
+from seismo.monitor.tracking import Schedule
 
 __all__ = ["ActivationProbe", "find_blocks"]
 
@@ -28,14 +27,14 @@ def find_blocks(model: nn.Module) -> list[str]:
     return []
 
 
-class ActivationProbe:
-    def __init__(self, name: str = "act", schedule: Schedule | None = None, blocks: list[str] | None = None):
-        self.name = name
-        self.schedule = schedule or every(1)
-        self.blocks = blocks
-        self._out: dict[str, Tensor] = {}
+class ActivationProbe(HookedProbe):
+    """RMS and max |x| of each residual block's output (``blocks``: module names, default found)."""
 
-    def attach(self, ctx: ProbeContext) -> None:
+    def __init__(self, name: str = "act", schedule: Schedule | None = None, blocks: list[str] | None = None):
+        super().__init__(name, schedule)
+        self.blocks = blocks
+
+    def setup(self, ctx: ProbeContext) -> None:
         names = self.blocks if self.blocks is not None else find_blocks(ctx.model)
         if not names:
             raise ProbeFailure("found no residual blocks (no nn.ModuleList of layers); pass blocks=[...] names")
@@ -45,32 +44,21 @@ class ActivationProbe:
                 self.modules[n] = ctx.model.get_submodule(n)
             except AttributeError:
                 raise ProbeFailure(f"no module named {n!r} for activation tracking") from None
-        self.hooks = HookSet(self.name, ctx.on_error)
 
-    def arm(self, step: int) -> None:
-        self._out = {}
+    def install(self, step: int) -> None:
         for n, m in self.modules.items():
-            self.hooks.add(m.register_forward_hook(self.hooks.guard(self._make_hook(n))))
+            self.step_hooks.add(m.register_forward_hook(self.guard(self._make_hook(n))))
 
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
-            if not torch.is_grad_enabled() or f"act/rms/{name}" in self._out:
+            if not torch.is_grad_enabled() or f"act/rms/{name}" in self.values:
                 return
             x = extract_logits(output)
             if x is None:
                 return
             with torch.no_grad():
                 x = x.detach().float()
-                self._out[f"act/rms/{name}"] = x.pow(2).mean().sqrt()
                 # max |x| = max(max x, -min x) without an |x| temporary; abs() maps -0.0 to 0.0
                 lo, hi = torch.aminmax(x)
-                self._out[f"act/max/{name}"] = torch.maximum(hi, -lo).abs()
+                self.put({f"act/rms/{name}": x.pow(2).mean().sqrt(), f"act/max/{name}": torch.maximum(hi, -lo).abs()})
         return hook
-
-    def collect(self, step: int, loss: Tensor | None) -> dict[str, Tensor]:
-        self.hooks.remove()
-        out, self._out = self._out, {}
-        return out
-
-    def detach(self) -> None:
-        self.hooks.remove()

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from seismo.monitor.probe import HookSet, ProbeContext, ProbeFailure, param_modules
-from seismo.monitor.schedules import Schedule, every
+from seismo.monitor.probe import HookedProbe, ProbeContext, ProbeFailure, param_modules
+from seismo.monitor.tracking import Schedule
 
 __all__ = ["GradientProbe", "UpdateProbe"]
 
@@ -35,20 +35,25 @@ def _index(groups: dict[str, list]) -> tuple[list[str], list[Tensor], Tensor, Te
     return names, params, torch.tensor(owner), numel
 
 
-class GradientProbe:
+class GradientProbe(HookedProbe):
+    """Global and per-module gradient norms (before clipping) and the count of non-finite entries.
+
+    ``source``: ``"backward"`` reads each gradient as it is accumulated, ``"optimizer"`` in the
+    optimizer's pre-step hook (needed under DDP, where the hooks see local gradients), ``"auto"``
+    picks the latter when a process group of more than one rank is initialised.
+    """
+
     def __init__(self, name: str = "grad", schedule: Schedule | None = None, per_module: bool = True, source: str = "auto"):
         if source not in ("auto", "backward", "optimizer"):
             raise ValueError(f"GradientProbe source must be 'auto', 'backward' or 'optimizer', got {source!r}")
-        self.name = name
-        self.schedule = schedule or every(1)
+        super().__init__(name, schedule)
         self.per_module = per_module
         self.source = source
-        self._armed = False
         # per parameter slot: squared sum and non-finite count of the gradient seen this step
         self._sq: list[Tensor | None] = []
         self._bad: list[Tensor | None] = []
 
-    def attach(self, ctx: ProbeContext) -> None:
+    def setup(self, ctx: ProbeContext) -> None:
         groups = param_modules(ctx.model)
         if not groups:
             raise ProbeFailure("the model has no trainable parameters")
@@ -59,20 +64,18 @@ class GradientProbe:
         self._zero = torch.zeros((), device=dev)
         self._sq = [None] * len(self.params)
         self._bad = [None] * len(self.params)
-        self.hooks = HookSet(self.name, ctx.on_error)
-        self.step_hooks = HookSet(self.name, ctx.on_error)
-        self._hook = self.hooks.guard(self._record)  # wrapped once, registered on tracked steps
+        self._hook = self.guard(self._record)  # wrapped once, registered on tracked steps
         if self.source == "auto":
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
             self.source = "optimizer" if distributed else "backward"
         if self.source == "optimizer":
             if ctx.optimizer is None:
                 raise ProbeFailure("reading gradients at the optimizer step needs the optimizer")
-            self.step_hooks.add(ctx.optimizer.register_step_pre_hook(self.step_hooks.guard(self._on_step)))
+            self.hooks.add(ctx.optimizer.register_step_pre_hook(self.guard(self._on_step)))
 
     def _record(self, p: Tensor) -> None:
         g = p.grad
-        if g is None or not self._armed:
+        if g is None or not self.armed:
             return
         g = g.detach()
         i = self._slot[id(p)]
@@ -85,32 +88,27 @@ class GradientProbe:
         # vectorised there). Exact while fewer than 2**24 entries are non-finite.
         self._bad[i] = (g - g).nan_to_num_(nan=1.0).sum()
 
-    def arm(self, step: int) -> None:
-        self._armed = True
+    def install(self, step: int) -> None:
         n = len(self.params)
         self._sq = [None] * n
         self._bad = [None] * n
-        if self.source == "backward" and not self.hooks.handles:
+        if self.source == "backward" and not self.step_hooks.handles:
             hook = self._hook
-            self.hooks.handles.extend(p.register_post_accumulate_grad_hook(hook) for p in self.params)
+            self.step_hooks.handles.extend(p.register_post_accumulate_grad_hook(hook) for p in self.params)
 
     def _on_step(self, optimizer, args, kwargs) -> None:
-        if self._armed:
+        if self.armed:
             for p in self.params:
                 self._record(p)
 
-    def _tracks(self, step: int) -> bool:
-        try:
-            return bool(self.schedule(step))
-        except Exception:
-            return False
-
-    def collect(self, step: int, loss: Tensor | None) -> dict[str, Tensor]:
+    def release(self, step: int) -> None:
         # When the next step is tracked too (the Monitor arms it right after this call) the hooks
         # stay installed instead of removing and re-registering one hook per parameter each step.
-        if not self._tracks(step + 1):
-            self.hooks.remove()
-        self._armed = False
+        # A schedule that raises is left to the Monitor, which calls it next and disables the probe.
+        if not self.schedule(step + 1):
+            self.step_hooks.remove()
+
+    def compute(self, step: int, loss: Tensor | None) -> dict[str, Tensor]:
         if all(v is None for v in self._sq):
             return {}
         dev = self._owner.device
@@ -132,12 +130,8 @@ class GradientProbe:
                 out[f"grad/rms/{m}"] = rms[i]
         return out
 
-    def detach(self) -> None:
-        self.hooks.remove()
-        self.step_hooks.remove()
 
-
-class UpdateProbe:
+class UpdateProbe(HookedProbe):
     """Parameter norms and the size of the optimizer's update, per module.
 
     On tracked steps the parameters are copied in the optimizer's pre-step hook (one transient
@@ -145,34 +139,26 @@ class UpdateProbe:
     """
 
     def __init__(self, name: str = "update", schedule: Schedule | None = None):
-        self.name = name
-        self.schedule = schedule or every(1)
-        self._armed = False
+        super().__init__(name, schedule)
         self._before: list[Tensor] | None = None
-        self._out: dict[str, Tensor] = {}
 
-    def attach(self, ctx: ProbeContext) -> None:
+    def setup(self, ctx: ProbeContext) -> None:
         if ctx.optimizer is None:
             raise ProbeFailure("update norms need the optimizer (Monitor(model, optimizer))")
         groups = param_modules(ctx.model)
         self.modules, self.params, owner, _ = _index(groups)
         self._owner = owner.to(self.params[0].device)
-        self.hooks = HookSet(self.name, ctx.on_error)
-        self.hooks.add(ctx.optimizer.register_step_pre_hook(self.hooks.guard(self._pre)))
-        self.hooks.add(ctx.optimizer.register_step_post_hook(self.hooks.guard(self._post)))
-
-    def arm(self, step: int) -> None:
-        self._armed = True
-        self._out = {}
+        self.hooks.add(ctx.optimizer.register_step_pre_hook(self.guard(self._pre)))
+        self.hooks.add(ctx.optimizer.register_step_post_hook(self.guard(self._post)))
 
     @torch.no_grad()
     def _pre(self, optimizer, args, kwargs) -> None:
-        if self._armed:
+        if self.armed:
             self._before = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
     def _post(self, optimizer, args, kwargs) -> None:
-        if not self._armed or self._before is None:
+        if not self.armed or self._before is None:
             return
         dev = self._owner.device
         psq = torch.stack([p.detach().float().pow(2).sum() for p in self.params])
@@ -185,12 +171,4 @@ class UpdateProbe:
         for i, m in enumerate(self.modules):
             out[f"param/norm/{m}"] = mp[i]
             out[f"update/ratio/{m}"] = ratio[i]
-        self._out = out
-
-    def collect(self, step: int, loss: Tensor | None) -> dict[str, Tensor]:
-        self._armed = False
-        out, self._out = self._out, {}
-        return out
-
-    def detach(self) -> None:
-        self.hooks.remove()
+        self.values = out

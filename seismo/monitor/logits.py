@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from seismo.monitor.probe import HookSet, ProbeContext, ProbeFailure
-from seismo.monitor.schedules import Schedule, every
+from seismo.monitor.probe import HookedProbe, ProbeContext, ProbeFailure
+from seismo.monitor.tracking import Schedule
 
 __all__ = ["LogitsProbe", "logit_stats", "extract_logits"]
 
@@ -62,15 +62,15 @@ def logit_stats(logits: Tensor) -> dict[str, Tensor]:
     }
 
 
-class LogitsProbe:
+class LogitsProbe(HookedProbe):
+    """The output-logit signals of the model's output (or of the module named ``output``)."""
+
     def __init__(self, name: str = "logits", schedule: Schedule | None = None, output: str | None = None, max_rows: int = 1024):
-        self.name = name
-        self.schedule = schedule or every(1)
+        super().__init__(name, schedule)
         self.output = output
         self.max_rows = max_rows
-        self._out: dict[str, Tensor] = {}
 
-    def attach(self, ctx: ProbeContext) -> None:
+    def setup(self, ctx: ProbeContext) -> None:
         if self.output:
             try:
                 self.module = ctx.model.get_submodule(self.output)
@@ -79,14 +79,12 @@ class LogitsProbe:
                 raise ProbeFailure(f"no module named {self.output!r} for the output logits; last linear layers: {names}") from None
         else:
             self.module = ctx.model
-        self.hooks = HookSet(self.name, ctx.on_error)
 
-    def arm(self, step: int) -> None:
-        self._out = {}
-        self.hooks.add(self.module.register_forward_hook(self.hooks.guard(self._hook)))
+    def install(self, step: int) -> None:
+        self.step_hooks.add(self.module.register_forward_hook(self.guard(self._hook)))
 
     def _hook(self, module, inputs, output) -> None:
-        if self._out or not torch.is_grad_enabled():
+        if self.values or not torch.is_grad_enabled():
             return
         logits = extract_logits(output)
         if logits is None:
@@ -94,12 +92,4 @@ class LogitsProbe:
                 f"the output of {type(module).__name__} holds no logits tensor; name the module that produces them with output='...'"
             )
         z = logits.detach().reshape(-1, logits.size(-1))[: self.max_rows]
-        self._out = logit_stats(z)
-
-    def collect(self, step: int, loss: Tensor | None) -> dict[str, Tensor]:
-        self.hooks.remove()
-        out, self._out = self._out, {}
-        return out
-
-    def detach(self) -> None:
-        self.hooks.remove()
+        self.put(logit_stats(z))

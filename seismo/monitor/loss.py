@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seismo.monitor.probe import ProbeContext
-from seismo.monitor.schedules import Schedule, every
+from seismo.monitor.probe import HookedProbe
+from seismo.monitor.tracking import Schedule
 
 __all__ = ["LossProbe"]
 
 
-class LossProbe:
+class LossProbe(HookedProbe):
     """Records the loss and a device-side spike score.
 
     ``loss/spike_score`` = (loss - m) / s, where m and s are an exponential moving mean and
@@ -21,9 +21,10 @@ class LossProbe:
     All state is on the loss's device: no host synchronisation.
     """
 
-    def __init__(self, name: str = "loss", schedule: Schedule | None = None, alpha: float = 0.02, warmup: int = 10, clip_score: float = 6.0):
-        self.name = name
-        self.schedule = schedule or every(1)
+    def __init__(
+        self, name: str = "loss", schedule: Schedule | None = None, alpha: float = 0.02, warmup: int = 10, clip_score: float = 6.0
+    ):
+        super().__init__(name, schedule)
         self.alpha = alpha
         self.warmup = warmup
         self.clip_score = clip_score
@@ -31,13 +32,7 @@ class LossProbe:
         self.var: Tensor | None = None
         self.count = 0
 
-    def attach(self, ctx: ProbeContext) -> None:
-        pass
-
-    def arm(self, step: int) -> None:
-        pass
-
-    def collect(self, step: int, loss: Tensor | None) -> dict[str, Tensor]:
+    def compute(self, step: int, loss: Tensor | None) -> dict[str, Tensor]:
         if loss is None:
             return {}
         x = loss.detach().float().reshape(())
@@ -59,9 +54,6 @@ class LossProbe:
         self.var = (1 - a) * (self.var + a * delta * delta)
         self.count += 1
         return {"loss": x, "loss/spike_score": score}
-
-    def detach(self) -> None:
-        pass
 
     def state_dict(self) -> dict:
         return {"mean": self.mean, "var": self.var, "count": self.count}

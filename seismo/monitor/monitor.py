@@ -9,210 +9,153 @@
 Each probe has its own schedule. Before the forward pass of a step the probe tracks, the Monitor
 *arms* it (installs its per-step hooks); untracked steps run with no hooks at all and no host
 synchronisation. Probes reduce what they see to 0-d device tensors; the Monitor stacks them and
-moves them to the host once every ``flush_every`` steps, then hands the rows to the run store
-(a background writer thread), to live listeners (detectors, sinks) and to an in-memory history.
-A probe that raises is disabled with one warning; training goes on.
+moves them to the host once every ``flush_every`` steps, then hands the records to its sinks (the
+run store, detectors, loggers: one ``write_records`` call per sink and flush), to listeners and to
+an in-memory history. A probe or sink that raises is disabled with one warning; training goes on.
+
+This Monitor knows no detector: :class:`seismo.Monitor` (``seismo/session.py``) adds
+``diagnose=True`` and live alerts by plugging the detectors and the printer in as sinks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from seismo.monitor.activations import ActivationProbe
-from seismo.monitor.adam import AdamProbe
-from seismo.monitor.attention import AttentionProbe
-from seismo.monitor.gradients import GradientProbe, UpdateProbe
-from seismo.monitor.logits import LogitsProbe
-from seismo.monitor.loss import LossProbe
-from seismo.monitor.probe import Probe, ProbeContext, ProbeFailure
-from seismo.monitor.schedules import every
+from seismo._wrappers import unwrap_model, unwrap_optimizer
+from seismo.errors import ConfigError
+from seismo.events import Event, Record
+from seismo.monitor.config import MONITOR_PRESETS, MonitorConfig
+from seismo.monitor.fanout import SinkFanout
+from seismo.monitor.presets import build_probes, probes_for
+from seismo.monitor.probe import HookedProbe, Probe, ProbeContext, ProbeFailure
+from seismo.store.run_store import RunStore
+from seismo.store.sink import StoreSink
 
-__all__ = ["Monitor", "build_probes", "PRESETS"]
+__all__ = ["Monitor", "build_probes", "MONITOR_PRESETS", "PRESETS"]
 
 Listener = Callable[[int, dict[str, float]], None]
 
-PRESETS = ("default", "full", "minimal")
-DEFAULT_CURVATURE_EVERY = 500
+#: Old name of :data:`MONITOR_PRESETS`, kept for one release.
+PRESETS = MONITOR_PRESETS
 
-
-def build_probes(preset: str = "default", every_n: int | None = None, **options: Any) -> list[Probe]:
-    """Probes of a preset, cheapest first.
-
-    - ``minimal``: loss and gradient norms, every step.
-    - ``default``: + attention, output logits, activations every step; update norms and Adam
-      state every 10 steps.
-    - ``full``: everything every step (+ curvature when ``probe_loss`` is given, every
-      ``curvature_every`` steps, 500 by default).
-
-    ``every_n`` tracks every probe every N steps instead (curvature: every
-    max(N, ``curvature_every``) steps). One Lanczos run costs about as much as 10-20 training
-    steps, so every 500 steps keeps it near 2-4% of training time; sharpness drifts slowly
-    except near the edge of stability, where a denser schedule (or an explicit
-    ``CurvatureProbe``) is worth its cost.
-    """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown monitor preset {preset!r}; choose one of {PRESETS}")
-    base = every(every_n) if every_n else every(1)
-    slow = every(every_n) if every_n else every(10 if preset == "default" else 1)
-    probes: list[Probe] = [LossProbe(schedule=base), GradientProbe(schedule=base)]
-    if preset == "minimal":
-        return probes
-    probes += [
-        AttentionProbe(schedule=base, max_batch=options.get("attention_sample", 2)),
-        LogitsProbe(schedule=base, output=options.get("output")),
-        ActivationProbe(schedule=base, blocks=options.get("blocks")),
-        UpdateProbe(schedule=slow),
-        AdamProbe(schedule=slow),
-    ]
-    if preset == "full" and options.get("probe_loss") is not None:
-        from seismo.monitor.curvature_probe import CurvatureProbe
-
-        curvature_every = options.get("curvature_every") or DEFAULT_CURVATURE_EVERY
-        if not isinstance(curvature_every, int) or curvature_every < 1:
-            raise ValueError(f"curvature_every must be a positive integer, got {curvature_every!r}")
-        probes.append(CurvatureProbe(options["probe_loss"], schedule=every(max(every_n or 1, curvature_every))))
-    return probes
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DistributedDataParallel / DataParallel / torch.compile wrappers keep the real model here.
-    for attr in ("module", "_orig_mod"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module):
-            return _unwrap(inner)
-    return model
+_EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(Event))
 
 
 class Monitor:
     """Record stability signals of a training loop. See the module docstring.
 
     Args:
-        model: the model being trained (DDP / compiled wrappers are unwrapped).
-        optimizer: its optimizer (needed for update, Adam-state and sharpness signals).
-        store: path of a SQLite run store (or a ``RunStore``); None keeps records in memory only.
-        run_name: name of the run in the store.
-        probes: a preset name (``"default"``, ``"full"``, ``"minimal"``) or a list of probes.
-        every: track every probe every N steps (overrides the preset's schedules).
-        config / meta: JSON-able dicts stored with the run.
+        model: the model being trained. DDP, DataParallel, FSDP and ``torch.compile`` wrappers are
+            unwrapped (:func:`seismo._wrappers.unwrap_model`).
+        optimizer: its optimizer (needed for update, Adam-state and sharpness signals). Accelerate's
+            ``AcceleratedOptimizer`` and Lightning's ``LightningOptimizer`` are unwrapped;
+            ``ZeroRedundancyOptimizer`` is used as it is. Anything else that is not a
+            ``torch.optim.Optimizer`` is a ConfigError naming its type.
+        config: a :class:`MonitorConfig` (preset, schedules, flush interval, probe options). A
+            plain dict here is the old form of ``run_config``.
+        probes: a preset name (sets ``config.preset``) or a list of probes (used instead of the preset).
+        sinks: record and/or event sinks (:mod:`seismo.events`): each flush is one
+            ``write_records`` call per sink; events they return, and those passed to :meth:`emit`,
+            go to every ``write_events``. ``flush()``/``set_status()``/``close()`` are called on close.
+        store: shorthand for a :class:`~seismo.store.sink.StoreSink` first in ``sinks`` (a path, a
+            ``RunStore`` or a ``StoreSink``); on rank 0 only under ``torch.distributed``.
+        run_name / run_config / meta / run_id: the stored run's name, config and metadata, or the
+            id of a stored run to continue (a resumed run).
         listeners: callables ``f(step, {name: value})`` called with host values at each flush.
-        flush_every: steps between host transfers (1 = every step, for live displays).
-        keep_history: keep every flushed value in ``self.history``.
-        output / blocks / attention_sample / probe_loss / curvature_every: options for the
-            preset's probes (``curvature_every``: steps between curvature probes, default 500).
-        start_step / run_id: continue a resumed run (step numbering and the same stored run).
-        diagnose: True (default detectors) or a ``seismo.diagnose.Diagnoser``: run the detectors
-            on every flushed record; events go to the run store, ``self.events`` and ``on_event``.
-        on_event: called with each batch of new events; by default (``alerts=True``) a rate-limited
-            :class:`seismo.diagnose.AlertPrinter` prints them to stderr.
+        **options: the fields of :class:`MonitorConfig` as keywords (``every``, ``flush_every``,
+            ``keep_history``, ``output``, ``blocks``, ``attention_sample``, ``probe_loss``,
+            ``curvature_every``, ``start_step``); they override ``config``.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: Any = None,
+        config: MonitorConfig | Mapping[str, Any] | None = None,
         *,
+        probes: str | Sequence[Probe] | None = None,
+        sinks: Iterable[Any] = (),
         store: Any = None,
         run_name: str | None = None,
-        probes: str | Sequence[Probe] = "default",
-        every: int | None = None,
-        config: dict | None = None,
-        meta: dict | None = None,
-        listeners: Iterable[Listener] = (),
-        flush_every: int = 50,
-        keep_history: bool = True,
-        start_step: int = 0,
-        output: str | None = None,
-        blocks: list[str] | None = None,
-        attention_sample: int = 2,
-        probe_loss: Callable[[nn.Module], Tensor] | None = None,
-        curvature_every: int | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None,
         run_id: int | None = None,
-        diagnose: Any = False,
-        on_event: Callable[[list], None] | None = None,
-        alerts: bool = True,
+        listeners: Iterable[Listener] = (),
+        **options: Any,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"Monitor needs an nn.Module, got {type(model).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if not isinstance(flush_every, int) or flush_every < 1:
-            raise ValueError("flush_every must be a positive integer")
-        self.model = _unwrap(model)
-        self.optimizer = optimizer
-        self.flush_every = flush_every
+        self.model = unwrap_model(model)
+        self.optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
+        if config is not None and not isinstance(config, MonitorConfig):
+            if not isinstance(config, Mapping):
+                raise ConfigError(f"config: expected a MonitorConfig (or a dict stored as the run's config), got {type(config).__name__}")
+            run_config = dict(config) if run_config is None else run_config
+            config = None
+        unknown = sorted(set(options) - set(MonitorConfig.field_names()))
+        if unknown:
+            facade = {"diagnose", "on_event", "alerts"} & set(unknown)
+            hint = "; diagnose/on_event/alerts need seismo.Monitor (the session facade)" if facade else ""
+            raise TypeError(f"seismo.monitor.Monitor() got unexpected keyword arguments {unknown}{hint}")
+        if isinstance(probes, str):
+            options["preset"] = probes
+        if config is None or options:
+            config = dataclasses.replace(config or MonitorConfig(), **options)  # __post_init__ validates
+        self.config = config
+        self.flush_every = config.flush_every
+        self.keep_history = config.keep_history
         self.listeners: list[Listener] = list(listeners)
-        self.keep_history = keep_history
         self.history: dict[str, tuple[list[int], list[float]]] = {}
         self.disabled: dict[str, str] = {}
+        self.events: list[Event] = []
         self._warned: set[str] = set()
         self._pending: list[tuple[int, list[str], Tensor]] = []
         self._since_flush = 0
-        self._step = start_step
+        self._step = config.start_step
         self._closed = False
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
-        if isinstance(probes, str):
-            probe_list = build_probes(
-                probes, every, output=output, blocks=blocks, attention_sample=attention_sample, probe_loss=probe_loss,
-                curvature_every=curvature_every,
+        self.fanout = SinkFanout()
+        self.run_id: int | None = None
+        if store is not None and self.rank == 0:
+            sink = store if isinstance(store, StoreSink) else StoreSink(
+                store if isinstance(store, RunStore) else str(store), run_name, config=run_config, meta=meta, run_id=run_id,
             )
-        else:
-            probe_list = list(probes)
+            self.fanout.add(sink)
+            self.run_id = sink.run_id
+        for s in sinks:
+            self.fanout.add(s)
+        if self.run_id is None:
+            self.run_id = next((s.run_id for s in self.fanout.sinks if isinstance(getattr(s, "run_id", None), int)), None)
+
+        probe_list = probes_for(config) if probes is None or isinstance(probes, str) else list(probes)
         names = [p.name for p in probe_list]
         if len(set(names)) != len(names):
-            raise ValueError(f"probe names must be unique, got {names}")
-        ctx = ProbeContext(self.model, optimizer, on_error=self._probe_error)
+            raise ConfigError(f"probes: names must be unique, got {names}")
+        ctx = ProbeContext(self.model, self.optimizer, on_error=self._probe_error)
         self.probes: list[Probe] = []
         for p in probe_list:
             try:
                 p.attach(ctx)
                 self.probes.append(p)
-            except ProbeFailure as exc:
-                self._disable(p, str(exc), already_attached=False)
+            except Exception as exc:  # noqa: BLE001 - a probe that cannot attach is disabled with one warning, never raised into the loop
+                reason = str(exc) if isinstance(exc, ProbeFailure) else f"{type(exc).__name__}: {exc}"
+                # a built-in probe may have registered hooks before failing: remove them
+                self._disable(p, reason + (self._detach_quietly(p) if isinstance(p, HookedProbe) else ""))
         self._armed: set[str] = set()
         self._arm(self._step)
 
-        self.run_id: int | None = None
-        self._writer = None
-        self._store = None
-        if store is not None and self.rank == 0:
-            from seismo.store import AsyncWriter, RunStore
-
-            self._store = store if isinstance(store, RunStore) else RunStore(store)
-            if run_id is not None:  # resuming: keep writing into the same run
-                self._store.find_run(int(run_id))
-                self._store.set_status(int(run_id), "running")
-                self.run_id = int(run_id)
-            else:
-                self.run_id = self._store.create_run(run_name or "run", config=config or {}, meta=meta or {})
-            self._writer = AsyncWriter(self._store.path, self.run_id)
-
-        self.diagnoser = None
-        self.events: list = []
-        if diagnose:
-            from seismo.diagnose.engine import Diagnoser
-
-            self.diagnoser = diagnose if isinstance(diagnose, Diagnoser) else Diagnoser()
-            self.diagnoser.sinks.append(self._on_events)
-            self.listeners.append(self.diagnoser)
-        if self.diagnoser is not None and on_event is None and alerts:
-            from seismo.diagnose.engine import AlertPrinter
-
-            on_event = AlertPrinter()
-        self._on_event = on_event
-
-    def _on_events(self, events: list) -> None:
-        self.events.extend(events)
-        self.events_sink([e.to_dict() for e in events])
-        if self._on_event is not None:
-            self._on_event(events)
+    @property
+    def sinks(self) -> list[Any]:
+        """The sinks still in use (a sink that raised has been removed)."""
+        return self.fanout.sinks
 
     # --- probe management -------------------------------------------------------------
     def _probe_error(self, name: str, exc: BaseException) -> None:
@@ -220,15 +163,19 @@ class Monitor:
         if probe is not None:
             self._disable(probe, f"{type(exc).__name__}: {exc}")
 
-    def _disable(self, probe: Probe, reason: str, already_attached: bool = True) -> None:
+    def _detach_quietly(self, probe: Probe) -> str:
+        """Detach ``probe``; a failure is returned as text for the caller's one warning."""
+        try:
+            probe.detach()
+        except Exception as exc:  # noqa: BLE001 - reported in the probe's warning by the caller
+            return f" (and detaching it raised {type(exc).__name__}: {exc})"
+        return ""
+
+    def _disable(self, probe: Probe, reason: str) -> None:
         self.disabled[probe.name] = reason
         if probe in self.probes:
             self.probes.remove(probe)
-        if already_attached:
-            try:
-                probe.detach()
-            except Exception:
-                pass
+            reason += self._detach_quietly(probe)
         if probe.name not in self._warned:
             self._warned.add(probe.name)
             warnings.warn(f"seismo: probe '{probe.name}' is off: {reason}", RuntimeWarning, stacklevel=3)
@@ -240,7 +187,7 @@ class Monitor:
                 if p.schedule(step):
                     p.arm(step)
                     self._armed.add(p.name)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a probe failure must never kill training: disabled, warned once
                 self._disable(p, f"{type(exc).__name__}: {exc}")
 
     # --- the per-step call ------------------------------------------------------------
@@ -251,19 +198,22 @@ class Monitor:
 
     def step(self, loss: Tensor | float | None = None) -> dict[str, Tensor] | None:
         """Finish the current step: collect armed probes, arm the next step's. Returns this
-        step's record (name -> 0-d tensor on the device) or None if nothing was tracked."""
+        step's record (name -> 0-d tensor on the device) or None if nothing was tracked.
+
+        ``loss`` is this step's loss: a scalar tensor (0-d or one element) or a number.
+        """
         if self._closed:
             raise RuntimeError("Monitor.step() after close()")
+        if loss is not None:
+            loss = _scalar_loss(loss)
         step = self._step
-        if loss is not None and not isinstance(loss, Tensor):
-            loss = torch.tensor(float(loss))
         record: dict[str, Tensor] = {}
         for p in list(self.probes):
             if p.name not in self._armed:
                 continue
             try:
                 record.update(p.collect(step, loss))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a probe failure must never kill training: disabled, warned once
                 self._disable(p, f"{type(exc).__name__}: {exc}")
         self._step = step + 1
         self._arm(self._step)
@@ -274,7 +224,7 @@ class Monitor:
             self.flush()
         return record or None
 
-    def log(self, values: dict[str, Tensor | float], step: int | None = None) -> None:
+    def log(self, values: Mapping[str, Tensor | float], step: int | None = None) -> None:
         """Record extra scalars (e.g. ``val/loss``) at ``step`` (default: the last step)."""
         rec = {k: (v.detach().float().reshape(()) if isinstance(v, Tensor) else torch.tensor(float(v))) for k, v in values.items()}
         if rec:
@@ -290,7 +240,7 @@ class Monitor:
         self._pending.append((step, names, torch.stack(vals)))
 
     def flush(self) -> None:
-        """Move pending values to the host (one transfer) and hand them to store and listeners."""
+        """Move pending values to the host (one transfer) and hand them to listeners and sinks."""
         self._since_flush = 0
         if not self._pending:
             return
@@ -306,10 +256,10 @@ class Monitor:
                 n = len(pending[i][1])
                 host[i] = flat[pos : pos + n]
                 pos += n
-        rows = []
+        records: list[Record] = []
         for (step, names, _), values in zip(pending, host):
             rec = dict(zip(names, values))
-            rows.extend((step, n, v) for n, v in rec.items())
+            records.append((step, rec))
             if self.keep_history:
                 for n, v in rec.items():
                     s, vs = self.history.setdefault(n, ([], []))
@@ -318,19 +268,29 @@ class Monitor:
             for fn in list(self.listeners):
                 try:
                     fn(step, rec)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - a listener failure must never kill training: removed, warned once
                     self.listeners.remove(fn)
                     warnings.warn(f"seismo: listener {getattr(fn, '__name__', fn)!r} is off: {exc!r}", RuntimeWarning, stacklevel=2)
-        if self._writer is not None:
-            self._writer.put_metrics(rows)
+        self.emit(self.fanout.write_records(records))
 
     def add_listener(self, fn: Listener) -> None:
         self.listeners.append(fn)
 
-    def events_sink(self, events: list[dict]) -> None:
-        """Write events (dicts with step, kind, severity, module, message, evidence, advice)."""
-        if self._writer is not None and events:
-            self._writer.put_events(events)
+    def add_sink(self, sink: Any) -> None:
+        """Add a record and/or event sink (see ``sinks``)."""
+        self.fanout.add(sink)
+
+    def emit(self, events: Sequence[Event]) -> None:
+        """Record events (``self.events``) and hand them to every event sink (and to logging)."""
+        if events:
+            events = list(events)
+            self.events.extend(events)
+            self.fanout.write_events(events)
+
+    def events_sink(self, events: Sequence[Mapping[str, Any]]) -> None:
+        """Old entry point: hand event dicts to the event sinks (not added to ``self.events``)."""
+        if events:
+            self.fanout.write_events([Event(**{k: e[k] for k in _EVENT_FIELDS if k in e}) for e in events])
 
     def series(self, name: str) -> tuple[list[int], list[float]]:
         """Flushed (steps, values) of one signal from the in-memory history."""
@@ -343,31 +303,37 @@ class Monitor:
         vals = [vs[-1] for n, (_, vs) in self.history.items() if n.startswith(prefix) and vs]
         return reduce(vals) if vals else math.nan
 
-    def set_status(self, status: str, meta: dict | None = None) -> None:
-        if self._store is not None and self.run_id is not None:
-            if self._writer is not None:
-                self._writer.flush()
-            self._store.set_status(self.run_id, status)
-            if meta:
-                self._store.update_meta(self.run_id, meta)
+    def set_status(self, status: str, meta: Mapping[str, Any] | None = None) -> None:
+        """Set the run's status in the sinks that keep one (the run store)."""
+        self.fanout.set_status(status, dict(meta) if meta else None)
 
-    def close(self, status: str = "completed", meta: dict | None = None) -> None:
+    def close(self, status: str = "completed", meta: Mapping[str, Any] | None = None) -> None:
+        """Flush, detach every probe, set the run's status and close the sinks; idempotent."""
         if self._closed:
             return
         self.flush()
         for p in self.probes:
-            try:
-                p.detach()
-            except Exception:
-                pass
+            failure = self._detach_quietly(p)
+            if failure:
+                warnings.warn(f"seismo: probe '{p.name}'{failure}", RuntimeWarning, stacklevel=2)
         self._closed = True
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self.fanout.flush()
         self.set_status(status, meta)
+        self.fanout.close()
 
     def __enter__(self) -> "Monitor":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close("failed" if exc_type is not None else "completed")
+
+
+def _scalar_loss(loss: Any) -> Tensor:
+    """The loss as a tensor; a one-line ConfigError for anything that is not one number."""
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ConfigError(f"loss: Monitor.step needs a scalar loss (one element), got a tensor of shape {tuple(loss.shape)}")
+        return loss
+    if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
+        raise ConfigError(f"loss: Monitor.step needs a scalar loss (a tensor or a number), got {type(loss).__name__}")
+    return torch.tensor(float(loss))

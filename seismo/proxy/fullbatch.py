@@ -30,10 +30,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seismo.errors import ConfigError
-from seismo.monitor import AdamProbe, GradientProbe, LogitsProbe, LossProbe, Monitor, UpdateProbe, every
+from seismo.monitor import AdamProbe, GradientProbe, LogitsProbe, LossProbe, UpdateProbe, every
 from seismo.monitor.curvature_probe import CurvatureProbe
 from seismo.proxy.config import from_dict, to_dict
 from seismo.proxy.train import RunResult, close_after_exception, final_loss, first_nonfinite_step, sigterm_interrupts
+from seismo.session import Monitor
 
 __all__ = ["FullBatchConfig", "train_fullbatch", "build_mlp", "modular_tensors", "regression_tensors"]
 

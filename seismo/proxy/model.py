@@ -41,6 +41,7 @@ from seismo.mitigate.model_edits import (
     apply_sigma_reparam,
     cosine_attention_scale,
 )
+from seismo.monitor.attention.tap import AttentionLogitTap
 
 __all__ = ["GPTConfig", "TinyGPT", "AttentionLogitTap", "ConfigError"]
 
@@ -107,28 +108,6 @@ class GPTConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
-
-
-class AttentionLogitTap(nn.Module):
-    """Hook point for pre-softmax attention logits.
-
-    Register a forward hook on it; the hook receives ``(module, (logits, in_training_step), logits)``
-    with ``logits`` of shape ``(b, nh, T, T)`` for the first ``max_batch`` sequences, computed
-    without gradient, scaled exactly as the attention scales them, and with masked (future)
-    positions set to ``-inf``. ``in_training_step`` is True when the attention ran with autograd
-    enabled (a training forward) rather than under ``no_grad`` (evaluation). Nothing is computed
-    while no hook is registered.
-    """
-
-    def __init__(self, max_batch: int = 4):
-        super().__init__()
-        self.max_batch = max_batch
-
-    def observed(self) -> bool:
-        return bool(self._forward_hooks) or bool(self._forward_pre_hooks)
-
-    def forward(self, logits: Tensor, in_training_step: bool = True) -> Tensor:
-        return logits
 
 
 class CausalSelfAttention(nn.Module):

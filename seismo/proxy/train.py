@@ -35,10 +35,11 @@ from seismo.errors import ConfigError
 from seismo.mitigate.losses import z_loss
 from seismo.mitigate.param_groups import decay_groups, independent_weight_decay, mup_param_groups
 from seismo.mitigate.schedules import lr_at, seqlen_warmup
-from seismo.monitor import PRESETS, Monitor
+from seismo.monitor import PRESETS
 from seismo.proxy.config import from_dict, to_dict
 from seismo.proxy.data import DataConfig, load_dataset
 from seismo.proxy.model import GPTConfig, TinyGPT
+from seismo.session import Monitor
 from seismo.store import RunStore
 
 __all__ = [

@@ -16,8 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seismo import Monitor
 from seismo.diagnose import Diagnoser, Event
-from seismo.monitor import Monitor, build_probes, every
+from seismo.monitor import build_probes, every
 from seismo.monitor.curvature_probe import CurvatureProbe
 from seismo.proxy import train
 from seismo.proxy.data import DataConfig, ModularDataset, load_dataset

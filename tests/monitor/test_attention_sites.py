@@ -18,7 +18,7 @@ from torch import nn
 
 from seismo import Monitor
 from seismo.monitor import AttentionProbe, LossProbe, every
-from seismo.monitor.attention_sites import (
+from seismo.monitor.attention_sites import (  # the old path, kept for one release
     HFAttentionSite,
     MHASite,
     SDPASite,
@@ -634,12 +634,12 @@ def test_unobservable_hf_implementation_warns_and_falls_back_gracefully():
 
 
 def test_site_failure_never_reaches_the_forward(monkeypatch):
-    import seismo.monitor.attention_sites as sites_mod
+    import seismo.monitor.attention.interception as interception
 
     def broken(*a, **k):
         raise ValueError("cannot")
 
-    monkeypatch.setattr(sites_mod, "sdpa_logits", broken)
+    monkeypatch.setattr(interception, "sdpa_logits", broken)
     torch.manual_seed(9)
     net = Net()
     opt = torch.optim.SGD(net.parameters(), lr=0.01)

@@ -1,0 +1,85 @@
+"""The attention probe: ``attn/logit_max/<module>``, ``attn/entropy/<module>``, ``attn/entropy_min/<module>``.
+
+* Max attention logit: max over batch, heads and positions of |q.k * scale| before softmax.
+  Its growth is the instability qk-layernorm removes (Wortsman et al. 2023, arXiv 2309.14322 §3.1).
+* Attention entropy: mean over rows of -sum_j A_ij log A_ij; ``entropy_min`` is the minimum over
+  heads of the per-head mean. Entropy collapse precedes divergence (Zhai et al. 2023,
+  arXiv 2303.06296).
+
+The logits come from attention *sites* (:mod:`~seismo.monitor.attention.sites`), installed on
+tracked steps only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from seismo.monitor.attention.interception import LogitsCallback
+from seismo.monitor.attention.sites import AttentionSite, find_attention_sites
+from seismo.monitor.probe import HookedProbe, ProbeContext, ProbeFailure
+from seismo.monitor.tracking import Schedule
+
+__all__ = ["AttentionProbe", "attention_stats"]
+
+
+@torch.no_grad()
+def attention_stats(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(max |logit|, mean row entropy, min over heads of mean entropy) for ``(b, nh, Tq, Tk)`` logits.
+
+    Masked positions are ``-inf``; rows that are fully masked are ignored.
+    """
+    z = logits.float()
+    # |z| where finite, -1 elsewhere: one pass gives the max |logit| and the rows with a finite entry
+    # (isfinite + where over the full tensor cost several times more on CPU).
+    row_max = z.abs().nan_to_num_(nan=-1.0, posinf=-1.0).amax(-1)  # (b, nh, Tq)
+    logit_max = row_max.amax().clamp_min(0)
+    row_ok = row_max >= 0
+    # Entropy terms p log p with p = exp(log p), and 0 where p = 0 (masked: log p = -inf) or the row
+    # is nan (rows without a finite entry get weight 0 below). Setting those log p to 0 gives
+    # exp(0) * 0 = 0 for them and skips exp(-inf), which is slow on CPU.
+    logp = torch.log_softmax(z, dim=-1).nan_to_num_(nan=0.0, neginf=0.0)
+    ent = -(logp.exp() * logp).sum(-1)  # (b, nh, Tq)
+    w = row_ok.float()
+    per_head = (ent * w).sum(dim=(0, 2)) / w.sum(dim=(0, 2)).clamp_min(1)
+    mean = (ent * w).sum() / w.sum().clamp_min(1)
+    return logit_max, mean, per_head.min()
+
+
+class AttentionProbe(HookedProbe):
+    """Attention max-logit and entropy per attention module, from the first ``max_batch`` sequences.
+
+    ``sites``: the attention sites to read (default: found in the model, see
+    :func:`~seismo.monitor.attention.sites.find_attention_sites`).
+    """
+
+    def __init__(self, name: str = "attn", schedule: Schedule | None = None, max_batch: int = 2, sites: list[AttentionSite] | None = None):
+        if max_batch < 1:
+            raise ValueError("AttentionProbe max_batch must be >= 1")
+        super().__init__(name, schedule)
+        self.max_batch = max_batch
+        self.sites = sites
+
+    def setup(self, ctx: ProbeContext) -> None:
+        if self.sites is None:
+            self.sites = find_attention_sites(ctx.model)
+        if not self.sites:
+            raise ProbeFailure(
+                "found no attention module in the model (looked for attention taps, nn.MultiheadAttention, "
+                "Hugging Face attention and scaled_dot_product_attention callers)"
+            )
+
+    def install(self, step: int) -> None:
+        for site in self.sites:
+            self.step_hooks.add(site.install(self.guard(self._make_cb(site.name)), self.max_batch))
+
+    def _make_cb(self, name: str) -> LogitsCallback:
+        key = f"attn/logit_max/{name}"
+
+        def cb(logits: Tensor) -> None:
+            if key in self.values:
+                return  # with gradient accumulation, the first micro-batch stands for the step
+            mx, ent, ent_min = attention_stats(logits)
+            self.put({key: mx, f"attn/entropy/{name}": ent, f"attn/entropy_min/{name}": ent_min})
+
+        return cb
