@@ -1,3 +1,5 @@
+"""``python -m seismo``: the ``seismo`` command line."""
+
 import sys
 
 from seismo.cli import main
