@@ -90,17 +90,17 @@ class RunWatcher:
     run: str | int | None = None
     history: int = 200
     max_events: int = 12
-    info: RunInfo | None = None
-    latest: dict[str, SignalValue] = field(default_factory=dict)
-    loss: deque = field(default_factory=deque)
-    events: deque = field(default_factory=deque)
-    n_events: int = 0
-    n_rows: int = 0
-    last_poll: float = 0.0
-    _rowid: int = 0
-    _event_id: int = 0
-    _conn: sqlite3.Connection | None = None
-    _run_columns: str = ""
+    info: RunInfo | None = field(default=None, init=False)  #: the run, as of the last poll
+    latest: dict[str, SignalValue] = field(default_factory=dict, init=False, repr=False)  #: signal -> newest value
+    loss: deque = field(default_factory=deque, init=False, repr=False)  #: the last ``history`` losses
+    events: deque = field(default_factory=deque, init=False, repr=False)  #: the last ``max_events`` events
+    n_events: int = field(default=0, init=False)
+    n_rows: int = field(default=0, init=False)
+    last_poll: float = field(default=0.0, init=False, repr=False)  #: unix time of the last poll
+    _rowid: int = field(default=0, init=False, repr=False)
+    _event_id: int = field(default=0, init=False, repr=False)
+    _conn: sqlite3.Connection | None = field(default=None, init=False, repr=False)
+    _run_columns: str = field(default="", init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.store_path = Path(self.store_path)
