@@ -42,6 +42,9 @@ def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer:
     Raises ConfigError naming the type when neither ``optimizer`` nor anything it wraps is an
     optimizer (a model or a scheduler passed by mistake, say).
     """
+    if isinstance(optimizer, torch.optim.lr_scheduler.LRScheduler):  # it holds .optimizer, but it is no wrapper
+        raise ConfigError(f"optimizer: expected a torch.optim.Optimizer (or a wrapper of one), got the LR scheduler "
+                          f"{type(optimizer).__module__}.{type(optimizer).__qualname__}")
     current = optimizer
     for _ in range(16):
         if isinstance(current, torch.optim.Optimizer) and not any(

@@ -344,7 +344,6 @@ class Guard:
         """
         if self.ckpt_dir is None:
             raise ConfigError("ckpt_dir: Guard.resume() needs the ckpt_dir of the job to continue")
-        self._checked_dir = True
         fresh_hint = ("nothing was changed; fix or remove the file(s), or call guard.resume(fresh_if_unreadable=True) "
                       "to move them aside and start from step 0")
         try:
@@ -353,6 +352,7 @@ class Guard:
             if not fresh_if_unreadable:
                 raise GuardResumeError(f"seismo Guard: {exc}; {fresh_hint}") from None
             self._set_aside([self.ckpt_dir / snapshots.TRACKER_NAME, *(p for _, _, p in self._valid_snapshots())], exc)
+            self._checked_dir = True
             return self._step
         if tracker is not None:
             self._ranges = [[int(a), int(b)] for a, b in tracker["skipped_ranges"]]
@@ -369,7 +369,8 @@ class Guard:
                     ck = snapshots.load_snapshot(path)
                 except Exception as exc:  # noqa: BLE001 - any damage: fall back to an older snapshot, reported
                     unreadable.append((path, exc))
-                    self._report.warn_once(f"bad:{path}", f"seismo Guard: cannot load {path} ({exc!r}); "
+                    self._report.warn_once(f"bad:{path}", f"seismo Guard: cannot load {path} "
+                                                          f"({snapshots.load_error_text(exc)}); "
                                                           "trying an older one")
                     continue
                 self._restore(ck)
@@ -380,10 +381,11 @@ class Guard:
         if unreadable and loaded is None:
             path, exc = unreadable[0]
             what = (f"none of the {len(unreadable)} snapshot(s) in {self.ckpt_dir} can be loaded "
-                    f"(newest: {path.name}: {type(exc).__name__}: {exc})")
+                    f"(newest: {path.name}: {snapshots.load_error_text(exc)})")
             if not fresh_if_unreadable:
                 raise GuardResumeError(f"seismo Guard: {what}; {fresh_hint}")
             self._set_aside([p for p, _ in unreadable], what)
+        self._checked_dir = True  # a failed resume leaves the directory guarded: training cannot start over on it
         if self.rank == 0 and (tracker is not None or loaded is not None):
             logger.warning("seismo Guard: resumed at step %d (data index %d) from %s; %d earlier rollback(s), skipped "
                            "ranges %s, LR factor %g", self._step, self.data_index, loaded.name if loaded else "step 0",
@@ -490,8 +492,8 @@ class Guard:
                 try:
                     ck = snapshots.load_snapshot(ck)
                 except Exception as exc:  # noqa: BLE001 - any damage: try the next one, reported
-                    self._report.warn_once(f"bad:{ck}", f"seismo Guard: cannot load {ck} ({exc!r}); trying another "
-                                                        "checkpoint")
+                    self._report.warn_once(f"bad:{ck}", f"seismo Guard: cannot load {ck} "
+                                                        f"({snapshots.load_error_text(exc)}); trying another checkpoint")
                     continue
             if i >= len(good):
                 self._report.warn_once(f"rewind:{step}", f"seismo Guard: no checkpoint {self.config.rewind} steps "

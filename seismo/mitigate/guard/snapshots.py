@@ -28,7 +28,7 @@ from seismo.mitigate.guard.errors import GuardResumeError
 from seismo.mitigate.guard.window import SpikeWindow
 
 __all__ = ["TRACKER_NAME", "CKPT_FORMAT", "TRACKER_FORMAT", "SnapshotWriter", "capture", "restore", "list_snapshots",
-           "snapshot_path", "prepare_dir", "read_tracker", "write_tracker", "remove_temporary_files", "load_snapshot",
+           "snapshot_path", "prepare_dir", "load_error_text", "read_tracker", "write_tracker", "remove_temporary_files", "load_snapshot",
            "set_aside"]
 
 logger = logging.getLogger("seismo.guard")
@@ -147,6 +147,13 @@ def load_snapshot(path: Path) -> dict:
     if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
         raise ValueError(f"not a seismo Guard snapshot (format {ck.get('format') if isinstance(ck, dict) else None!r})")
     return ck
+
+
+def load_error_text(exc: BaseException) -> str:
+    """One line for a failed load: torch's unpickling errors run over many lines of advice
+    (including "retry with weights_only=False", which must not be followed for a damaged file)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first.split('. ')[0][:200]}"
 
 
 def set_aside(path: Path) -> Path:
