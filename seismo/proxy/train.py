@@ -36,6 +36,7 @@ from seismo.mitigate.losses import z_loss
 from seismo.mitigate.param_groups import decay_groups, independent_weight_decay, mup_param_groups
 from seismo.mitigate.schedules import lr_at, seqlen_warmup
 from seismo.monitor import PRESETS
+from seismo.proxy.checkpoint import load_resume_checkpoint
 from seismo.proxy.config import from_dict, to_dict
 from seismo.proxy.data import DataConfig, load_dataset
 from seismo.proxy.model import GPTConfig, TinyGPT
@@ -347,9 +348,7 @@ def train(
     run_uid = None  # names the stored run before it has an id: in the step-0 checkpoint and the run's meta
     ck_detectors: dict = {}
     if resume and ckpt_path is not None and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optim"])
+        ck = load_resume_checkpoint(ckpt_path, cfg.to_dict(), model, optimizer)  # a bad checkpoint is one ConfigError line
         torch.set_rng_state(ck["rng"])
         start = int(ck["step"])
         losses[:start] = ck["losses"][:start].to(device)
@@ -361,7 +360,7 @@ def train(
         # Resumable from the start: a kill before the first periodic checkpoint resumes here into
         # the same stored run (found by run_uid), instead of leaving it `running` forever.
         run_uid = uuid.uuid4().hex
-        _checkpoint(ckpt_path, model, optimizer, 0, losses, val_losses, None, run_uid=run_uid)
+        _checkpoint(ckpt_path, model, optimizer, 0, losses, val_losses, None, run_uid=run_uid, config=cfg.to_dict())
     run_uid = run_uid or uuid.uuid4().hex
 
     meta = dict(data=ds.meta, n_params=model.num_params(), n_params_total=model.num_params(False), torch=torch.__version__, run_uid=run_uid)
@@ -399,7 +398,7 @@ def train(
             if status == "completed" and not (val_losses and val_losses[-1][0] == steps_done):
                 _final_validation(model, ds, cfg, seq_len, val_losses, monitor, steps_done)
             if status == "interrupted" and ckpt_path is not None:
-                _checkpoint(ckpt_path, model, optimizer, steps_done, losses, val_losses, run_id, monitor, run_uid)
+                _checkpoint(ckpt_path, model, optimizer, steps_done, losses, val_losses, run_id, monitor, run_uid, cfg.to_dict())
 
             train_loss = losses[:steps_done].cpu().numpy()
             final_train = final_loss(train_loss)
@@ -411,11 +410,10 @@ def train(
     except BaseException as exc:
         close_after_exception(exc, monitor, guard, run_dir, step, run_id, t_start)
         raise
-    attn = [np.nanmax(v) for k, (_, v) in history.items() if k.startswith("attn/logit_max/") and len(v) and np.isfinite(v).any()]
     result = RunResult(
         status=status, steps_done=steps_done, train_loss=train_loss, val_loss=val_losses,
         final_train_loss=final_train, final_val_loss=final_val,
-        max_attn_logit=float(max(attn)) if attn else math.nan, history=history,
+        max_attn_logit=_max_attn_logit(history, store_path if start > 0 else "", run_id), history=history,
         config=cfg.to_dict(), meta=meta, wall_time=time.time() - t_start,
         run_dir=str(run_dir) if run_dir else None, run_id=run_id, store=store_path or None, diverged_at=diverged_at,
         events=list(monitor.events) if monitor is not None else [],
@@ -493,12 +491,23 @@ def _train_loop(cfg, ds, model, optimizer, losses, val_losses, seq_len, start, m
         if ckpt_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
             if done == cfg.steps:  # the final validation goes into the last checkpoint: a resume does not redo (and log) it
                 _final_validation(model, ds, cfg, seq_len, val_losses, monitor, done)
-            _checkpoint(ckpt_path, model, optimizer, done, losses, val_losses, run_id, monitor, run_uid)
+            _checkpoint(ckpt_path, model, optimizer, done, losses, val_losses, run_id, monitor, run_uid, cfg.to_dict())
         if cfg.stop_at and done >= cfg.stop_at and done < cfg.steps:
             status = "interrupted"
             break
     steps_done = step + 1 if cfg.steps > start else start
     return status, diverged_at, step, steps_done
+
+
+def _max_attn_logit(history: dict, store_path: str, run_id: int | None) -> float:
+    """The run's largest attention logit: from the store for a resumed run (``history`` holds only
+    the steps since the resume), else from ``history``."""
+    prefix = "attn/logit_max/"
+    if store_path and run_id is not None and Path(store_path).exists():
+        with RunStore(store_path) as store:
+            return store.metric_max(int(run_id), prefix)
+    attn = [np.nanmax(v) for k, (_, v) in history.items() if k.startswith(prefix) and len(v) and np.isfinite(v).any()]
+    return float(max(attn)) if attn else math.nan
 
 
 def _final_validation(model, ds, cfg, seq_len, val_losses, monitor, steps_done: int) -> None:
@@ -531,6 +540,9 @@ def _forget_rows_after_checkpoint(store_path: str, run_id: int | None, run_uid: 
             found = [r.run_id for r in store.runs() if r.meta.get("run_uid") == run_uid]
             run_id = found[-1] if found else None
         if run_id is not None:
+            stored_uid = store.find_run(int(run_id)).meta.get("run_uid")
+            if run_uid and stored_uid and stored_uid != run_uid:  # the run was deleted and its id reused
+                raise ConfigError(f"resume: run {run_id} in {store_path} is not the run this checkpoint belongs to")
             store.delete_rows_from(int(run_id), step)
     return run_id
 
@@ -559,17 +571,15 @@ def close_after_exception(exc: BaseException, monitor, guard=None, run_dir: Path
 
 
 def _commit_records(monitor) -> None:
-    """Flush the monitor and wait until its store has committed every row so far.
-
-    ``Monitor.set_status`` waits for the store writer before it writes the status, so after it
-    the rows of every finished step are on disk: only then may a checkpoint claim those steps.
-    """
+    """Flush the monitor, then wait until every sink has written what it got: the run store's
+    ``flush`` returns once its writer has committed, so the rows of every finished step are on
+    disk. Only then may a checkpoint claim those steps."""
     monitor.flush()
-    monitor.set_status("running")
+    monitor.fanout.flush()
 
 
-def _checkpoint(path, model, optimizer, step, losses, val_losses, run_id, monitor=None, run_uid=None) -> None:
-    """Save the state after ``step`` steps, once every row up to that step is committed."""
+def _checkpoint(path, model, optimizer, step, losses, val_losses, run_id, monitor=None, run_uid=None, config=None) -> None:
+    """Save the state after ``step`` steps (and the run's config), once every row up to that step is committed."""
     detectors = {}
     if monitor is not None:
         _commit_records(monitor)  # also: the detectors have seen every step up to the checkpoint
@@ -585,6 +595,7 @@ def _checkpoint(path, model, optimizer, step, losses, val_losses, run_id, monito
         "val": [[s, v] for s, v in val_losses],
         "run_id": run_id,
         "run_uid": run_uid,
+        "config": config,
     })
 
 

@@ -8,6 +8,7 @@ time proceed together, and writers wait for each other (busy timeout) instead of
 from __future__ import annotations
 
 import json
+import math
 import operator
 import os
 import sqlite3
@@ -335,6 +336,16 @@ class RunStore:
             ).fetchall()
         steps = np.fromiter((s for s, _ in rows), dtype=np.int64, count=len(rows))
         return steps, decode_values([v for _, v in rows])
+
+    def metric_max(self, run_id: int, prefix: str) -> float:
+        """The largest value of every metric whose name starts with ``prefix`` (NaN values are
+        skipped; ``nan`` if there is none)."""
+        with self._read("metric_max") as conn:
+            self._require_run(conn, run_id)
+            (value,) = conn.execute(
+                "SELECT max(value) FROM metrics WHERE run_id = ? AND substr(name, 1, ?) = ?", (run_id, len(prefix), prefix)
+            ).fetchone()
+        return math.nan if value is None else float(value)
 
     def all_series(self, run_id: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Every metric of a run as ``{name: (steps, values)}``, in one query."""
