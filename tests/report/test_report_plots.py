@@ -146,3 +146,30 @@ def test_plot_sweep_writes_each_figure_twice(store_path, tmp_path):
                                                    for e in ("png", "svg"))
     assert all(p.stat().st_size > 1000 for p in paths)
     assert math.isfinite(table.sensitivity[("baseline", "s")])
+
+
+def test_trial_curves_plot_each_trials_series_and_its_threshold(store_path, tmp_path):
+    from report_data import write_run
+
+    from seismo.report.sweep_plots import accuracy_figure, plot_trial_curves, sharpness_trials_figure
+
+    steps = np.arange(0, 50, 10)
+    acc = {"val/acc": (steps, np.linspace(0.1, 0.9, 5)), "train/acc": (steps, np.linspace(0.5, 1.0, 5)),
+           "logits/softmax_collapse": (steps, np.linspace(0.0, 0.3, 5))}
+    eig = {"hessian/max_eig": (steps, np.array([5.0, 50.0, 190.0, 201.0, 199.0]))}
+    rows = [dict(run_id=write_run(store_path, "a", acc), intervention="baseline", size="s", lr=0.01, final_val_acc=0.9),
+            dict(run_id=write_run(store_path, "b", eig), intervention="baseline", size="s", lr=0.01, sharpness_ratio=1.0)]
+    with RunStore(store_path) as store:
+        fig = accuracy_figure(store, rows)
+        test_line, train_line = fig.axes[0].lines
+        np.testing.assert_allclose(test_line.get_ydata(), acc["val/acc"][1])
+        np.testing.assert_allclose(train_line.get_ydata(), acc["train/acc"][1])
+        assert train_line.get_color() == test_line.get_color() and train_line.get_linestyle() == ":"
+        np.testing.assert_allclose(fig.axes[1].lines[0].get_ydata(), acc["logits/softmax_collapse"][1])
+        fig = sharpness_trials_figure(store, rows)
+        curve, threshold = fig.axes[0].lines
+        np.testing.assert_allclose(curve.get_ydata(), eig["hessian/max_eig"][1])
+        assert list(threshold.get_ydata()) == [200.0, 200.0]  # 2 / lr (Cohen et al. 2021)
+    paths = plot_trial_curves(store_path, rows, tmp_path / "curves")
+    assert sorted(p.name for p in paths) == [f"{b}.{e}" for b in ("accuracy_vs_step", "sharpness_vs_step") for e in ("png", "svg")]
+    assert plot_trial_curves(store_path, [], tmp_path / "none") == [] and not (tmp_path / "none").exists()
