@@ -90,7 +90,14 @@ class BackendSink:
     def __init__(self, prefix: str = "") -> None:
         self.prefix = check_prefix(prefix)
         self.disabled: str | None = None
+        #: The run's status as last set by the caller (``completed``, ``failed``, ``diverged``, ...).
+        self.status: str | None = None
         self._closed = False
+
+    @property
+    def name(self) -> str:
+        """How warnings (here and in the Monitor's fan-out) call this sink."""
+        return type(self).__name__
 
     # subclass hooks ---------------------------------------------------------------------
     def _write_records(self, records: Sequence[Record]) -> None:
@@ -100,6 +107,9 @@ class BackendSink:
         raise NotImplementedError
 
     def _flush(self) -> None:
+        pass
+
+    def _set_status(self, status: str, meta: Mapping[str, Any] | None) -> None:
         pass
 
     def _close(self) -> None:
@@ -113,7 +123,7 @@ class BackendSink:
             fn(*args)
         except Exception as exc:  # noqa: BLE001 - a logging backend must never kill training: turn off, warn once
             self.disabled = f"{what}: {type(exc).__name__}: {exc}"
-            warnings.warn(f"seismo: sink {type(self).__name__} is off after a failed {self.disabled}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"seismo: sink {self.name} is off after a failed {self.disabled}", RuntimeWarning, stacklevel=3)
 
     def write_records(self, records: Sequence[Record]) -> None:
         """Send the records of one flush (oldest first). Returns None: a backend emits no events."""
@@ -130,11 +140,25 @@ class BackendSink:
         """Push buffered data to the backend."""
         self._call("flush", self._flush)
 
+    def set_status(self, status: str, meta: Mapping[str, Any] | None = None) -> None:
+        """Record the run's status; a run the sink started ends with it (see each sink)."""
+        self.status = str(status)
+        self._call("set_status", self._set_status, self.status, meta)
+
     def close(self) -> None:
-        """Flush and release the backend (the run or file this sink opened); idempotent."""
+        """Flush and release the backend (the run or file this sink opened); idempotent.
+
+        Also tried when the sink is off, so a run or file it opened is not left open; a failure
+        then is not warned about again."""
         if self._closed:
             return
-        self._call("close", self._close)
+        if self.disabled is None:
+            self._call("close", self._close)
+        else:
+            try:
+                self._close()
+            except Exception:  # noqa: BLE001 - already off and warned once; releasing is best effort
+                pass
         self._closed = True
 
     def __enter__(self):

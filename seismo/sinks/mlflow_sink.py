@@ -34,6 +34,8 @@ __all__ = ["MLflow"]
 _MAX_PER_BATCH = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
 _MAX_TAG = 5000  # below MLflow's 8,000-character tag limit (older servers: 5,000)
 _BAD_NAME_CHARS = re.compile(r"[^\w\-. :/]")
+#: seismo's run status -> MLflow's, for a run the sink started (a diverged run ran to its end: FINISHED).
+_RUN_STATUS = {"completed": "FINISHED", "diverged": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 
 
 class MLflow(BackendSink):
@@ -42,6 +44,9 @@ class MLflow(BackendSink):
     Args:
         experiment: name of the experiment to create the run in (created if missing). None: log
             into the active run (``mlflow.active_run()``) if there is one, else experiment "seismo".
+            A run the sink creates ends with the status the caller set (``set_status``: completed
+            and diverged as FINISHED, failed as FAILED, interrupted as KILLED) and gets the tag
+            ``seismo.status``.
         run_id: log into this existing run instead (it is left open by :meth:`close`).
         run_name: name of the run the sink creates.
         tracking_uri: where MLflow keeps runs (``sqlite:///mlflow.db``, ``http://host:5000``,
@@ -120,7 +125,10 @@ class MLflow(BackendSink):
         for op in pending:
             op.wait()
 
+    def _set_status(self, status: str, meta: Any) -> None:
+        self.client.set_tag(self.run_id, "seismo.status", status)
+
     def _close(self) -> None:
         self._flush()
         if self._owns_run:
-            self.client.set_terminated(self.run_id)
+            self.client.set_terminated(self.run_id, status=_RUN_STATUS.get(self.status or "completed", "FINISHED"))

@@ -125,5 +125,5 @@ class WandB(BackendSink):
         self._last_step = step
 
     def _close(self) -> None:
-        if self._owns_run:
-            self.run.finish()
+        if self._owns_run:  # a failed or interrupted run is marked failed in W&B (exit code 1)
+            self.run.finish(exit_code=1 if self.status in ("failed", "interrupted") else 0)

@@ -166,3 +166,14 @@ def test_missing_mlflow_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)
     with pytest.raises(ImportError, match=r"pip install 'seismo\[mlflow\]'"):
         MLflow(experiment="x")
+
+
+@pytest.mark.parametrize("status, mlflow_status", [("failed", "FAILED"), ("interrupted", "KILLED"), ("diverged", "FINISHED")])
+def test_the_run_ends_with_the_status_the_caller_set(tmp_path, monkeypatch, status, mlflow_status):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file:{tmp_path / 'mlruns'}"
+    sink = MLflow(experiment="x", tracking_uri=uri)
+    sink.set_status(status)
+    sink.close()
+    run = MlflowClient(tracking_uri=uri).get_run(sink.run_id)
+    assert run.info.status == mlflow_status and run.data.tags["seismo.status"] == status

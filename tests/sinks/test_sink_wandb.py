@@ -50,16 +50,20 @@ def value(v) -> float:
     return float(v)  # numbers, or the strings "NaN", "Infinity", "-Infinity"
 
 
+def inspect_log(root: Path) -> list[dict]:
+    """Every record of the offline run's .wandb file, as ``wandb leet inspect --json`` prints them."""
+    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir(root))],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
 def read_back(root: Path) -> tuple[dict[str, dict[int, float]], list[dict], dict[str, list[int]]]:
     """({metric: {step: value}}, [event rows], {key: [steps]}) from the offline run's files."""
     directory = run_dir(root)
-    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(directory)],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
     metrics: dict[str, dict[int, float]] = {}
     steps_of: dict[str, list[int]] = {}
     table_files = []
-    for line in out.splitlines():
-        rec = json.loads(line)
+    for rec in inspect_log(root):
         if rec["type"] == "history":
             item = rec["history"]["item"]
             step = int(rec["history"].get("step", {}).get("num", item.get("_step", 0)))
@@ -158,6 +162,15 @@ def test_a_step_below_the_runs_step_is_dropped_with_one_warning(offline):
     sink.write_records([(11, {"loss": 3.0})])
     sink.close()
     assert read_back(offline)[0]["loss"] == {10: 1.0, 11: 3.0}
+
+
+@pytest.mark.parametrize("status, exit_code", [("completed", 0), ("failed", 1)])
+def test_a_run_the_sink_started_ends_with_the_callers_status(offline, status, exit_code):
+    sink = WandB(project="p")
+    sink.set_status(status)
+    sink.close()
+    (exit_record,) = [r for r in inspect_log(offline) if r["type"] == "exit"]
+    assert exit_record["exit"].get("exit_code", 0) == exit_code
 
 
 def test_a_failing_backend_turns_the_sink_off_with_one_warning(offline, monkeypatch):
