@@ -38,6 +38,8 @@ class Train(Subcommand):
             cfg.run_name = args.name
         dir_name = run_dir_name(cfg.run_name, "--name")
         out = Path(args.out)
+        if not cfg.out_dir and getattr(cfg, "kind", "") != "fullbatch":
+            cfg.out_dir = str(out / dir_name)  # before preflight: checkpoint_every needs an out_dir to validate
         preflight(cfg, out)
         if not cfg.store:
             cfg.store = str(out / "seismo.sqlite")
