@@ -29,3 +29,18 @@ def _restore_torch_globals():
     torch.set_default_dtype(dtype)
     torch.set_grad_enabled(grad)
     torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.fixture
+def one_error_line():
+    """``check(err) -> line``: asserts that ``err`` (captured stderr of ``seismo.cli.main``) is
+    exactly one ``seismo: error: ...`` line without a traceback, and returns it."""
+
+    def check(err: str) -> str:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        assert "Traceback" not in err
+        assert lines[0].startswith("seismo: error: "), lines[0]
+        return lines[0]
+
+    return check

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -69,8 +70,13 @@ def _load(path: Path) -> dict[str, Any]:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"resume: {path} is not a seismo checkpoint (refused by torch.load(weights_only=True): {first[:160]})") from None
+        # torch's message is a paragraph; its "Unsupported global: GLOBAL x" names what a foreign
+        # pickle asked for (never executed). Any other unpickling failure is damage.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found:
+            raise ConfigError(f"resume: {path} is not a seismo checkpoint (refused by torch.load(weights_only=True): "
+                              f"it needs {found.group(1)[:80]})") from None
+        raise ConfigError(f"resume: the checkpoint {path} is corrupt or truncated (it does not unpickle)") from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"resume: the checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {first[:160]})") from None

@@ -144,19 +144,3 @@ def test_config_errors_name_the_field(override, match):
         train_fullbatch(cfg)
     with pytest.raises(ConfigError, match="unknown key"):
         apply_overrides(get_preset("eos_mlp"), ["nope=1"])
-
-
-def test_cli_trains_a_full_batch_preset_into_the_store(tmp_path, capsys):
-    from seismo.cli import main
-    from seismo.report import load_run
-
-    out = tmp_path / "runs"
-    assert main(["train", "--preset", "eos_mlp", "--set", "steps=30", "--set", "lr=0.2", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
-    run = load_run(out / "seismo.sqlite", "eos-mlp")
-    steps, eig = run.series("hessian/max_eig")
-    assert steps.tolist() == [0, 10, 20] and "completed after 30 steps" in text
-    ratio = float(np.median((eig / (2 / 0.2))[1:]))  # the second half of the three probes: steps 10 and 20
-    assert f"sharpness_ratio {ratio:.3f}" in text
-    assert main(["train", "--preset", "eos_mlp", "--resume", "--out", str(out)]) == 2
-    assert "no checkpoints" in capsys.readouterr().err

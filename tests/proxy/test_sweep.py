@@ -5,8 +5,9 @@
 * determinism: 1 and 2 local workers, and the Ray backend, store bitwise identical results;
 * resumability: the real CLI is killed with SIGKILL (its whole session: driver, pool workers or
   Ray's raylet, GCS and workers) once some but not all trials are stored, then re-run; every trial
-  is then stored exactly once and the SQLite file passes ``PRAGMA integrity_check``;
-* the CLI: the LR-sensitivity table, the plots, and one-line errors with exit status 2.
+  is then stored exactly once and the SQLite file passes ``PRAGMA integrity_check``.
+
+The ``seismo sweep`` command's output and errors are tested in tests/cli/test_cli_sweep.py.
 
 The kill tests need Linux (/proc); the Ray ones are skipped without Ray (``seismo[ray]``).
 """
@@ -30,7 +31,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from seismo.cli import main
 from seismo.proxy.model import ConfigError
 from seismo.proxy.sweep import SweepConfig, expand, load_sweep_file, load_sweep_results, run_sweep
 from seismo.proxy.sweep_presets import SIZES
@@ -491,76 +491,3 @@ def test_ray_backend_matches_one_local_worker(ray_env, one_worker, tmp_path, mon
     assert not ray.is_initialized()  # the sweep shut down the Ray instance it started ...
     if LINUX:  # ... and every Ray process with it
         assert wait_for_exit(f"RAY_TMPDIR={ray_env['RAY_TMPDIR']}") == []
-
-
-# --- the CLI -----------------------------------------------------------------------------------------
-
-def test_cli_quick_preset_table_plots_and_predict_error(tmp_path, capsys):
-    out = str(tmp_path / "runs")
-    # --predict s: the quick preset has sizes xs and s, so there is one smaller size and no trend.
-    # The sweep runs first (12 trials), the table is printed, then the prediction fails.
-    code = main(["sweep", "qk_layernorm", "--quick", "--workers", "2", "--out", out, "--predict", "s"])
-    captured = capsys.readouterr()
-    assert code == 2
-    assert captured.err.strip().count("\n") == 0
-    assert captured.err.startswith("seismo: error: --predict: need at least two sizes smaller than s")
-    assert "qk_layernorm-quick: LR sensitivity" in captured.out
-    # the same command without --predict: every trial is stored, so it only reports
-    code = main(["sweep", "qk_layernorm", "--quick", "--workers", "2", "--out", out])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    text = captured.out
-    assert "12 trials (2 interventions x 2 sizes x 3 lrs x 1 seeds)" in text
-    assert "qk_layernorm-quick: LR sensitivity (Wortsman et al. 2023)" in text
-    assert "qk_layernorm-quick: trials" not in text  # the per-trial table only with --trials here
-    for iv in ("baseline", "qk_norm"):
-        for size in ("xs", "s"):
-            assert re.search(rf"{iv}\W+{size}\W+[0-9.e+]+\W+[0-9.]+\W+[0-9.e-]+\W+[0-9]+%", text), (iv, size)
-    plot_dir = Path(out) / "sweep-qk_layernorm-quick"
-    for stem in ("loss_vs_lr", "lr_sensitivity_vs_size", "attn_logit_vs_size"):
-        for ext in ("png", "svg"):
-            path = plot_dir / f"{stem}.{ext}"
-            assert str(path) in text
-            assert path.stat().st_size > 1000
-    assert (plot_dir / "loss_vs_lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with RunStore(Path(out) / "seismo.sqlite") as store:
-        assert len(store.runs()) == 12
-
-
-def test_cli_full_batch_preset_prints_trial_measures_and_curves(tmp_path, capsys):
-    out = str(tmp_path / "runs")
-    assert main(["sweep", "edge_of_stability", "--quick", "--workers", "1", "--out", out, "--set", "steps=120"]) == 0
-    text = capsys.readouterr().out
-    assert "edge_of_stability-quick: trials" in text and "sharp/thr" in text
-    rows = load_sweep_results(Path(out) / "seismo.sqlite", "edge_of_stability-quick")
-    assert sorted(r["lr"] for r in rows) == [0.1, 0.2]
-    for r in rows:
-        assert r["steps_done"] == 120 and math.isfinite(r["sharpness_ratio"])
-        assert re.search(rf"gd\W+w64\W+{r['lr']:g}\W+completed.*{r['sharpness_ratio']:.3f}", text), r["lr"]
-    plot_dir = Path(out) / "sweep-edge_of_stability-quick"
-    assert (plot_dir / "sharpness_vs_step.png").stat().st_size > 1000
-    assert not (plot_dir / "attn_logit_vs_size.png").exists()  # no attention in an MLP
-
-
-@pytest.mark.parametrize("argv, match", [
-    (["sweep", "no_such_preset"], "sweep: unknown preset 'no_such_preset'"),
-    (["sweep", "qk_layernorm", "--quick", "--workers", "0"], "--workers: must be >= 1"),
-    (["sweep", "qk_layernorm", "--quick", "--set", "model.nope=1"], "model.nope: unknown key"),
-    (["sweep", "missing.toml"], "sweep file missing.toml"),
-])
-def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, argv, match):
-    code = main(argv + ["--out", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert err.startswith("seismo: error: ") and match in err
-    assert err.strip().count("\n") == 0  # one line, no traceback
-    assert not (tmp_path / "seismo.sqlite").exists()
-
-
-def test_cli_predict_with_an_unknown_size_is_an_error(tmp_path, capsys):
-    toml = tmp_path / "one.toml"
-    toml.write_text('name = "one"\nlrs = [1e-2]\noverrides = ' + json.dumps(TINY_RUN) + '\n[sizes]\nxs = ' + json.dumps(SIZES["xs"]) + "\n")
-    code = main(["sweep", str(toml), "--workers", "1", "--out", str(tmp_path), "--predict", "huge"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1
-    assert "--predict: 'huge' is neither a size of this sweep (xs) nor a parameter count" in err

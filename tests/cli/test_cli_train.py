@@ -1,4 +1,4 @@
-"""The ``seismo`` command line, run in-process through ``seismo.cli.main``.
+"""``seismo train`` through ``seismo.cli.main``: the run, its store, resume, and bad input.
 
 Good input trains and writes a run store; bad input exits with status 2 and one line on stderr
 that names the offending field, never a traceback.
@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 from seismo.cli import main
-from seismo.proxy.presets import PRESETS
+from seismo.report import load_run
 from seismo.store import RunStore
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def _wide_console(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "200")  # rich tables on one line each
 
 
 def test_train_tiny_preset_creates_the_store(tmp_path, capsys):
@@ -57,48 +53,13 @@ def test_train_tiny_preset_creates_the_store(tmp_path, capsys):
         (["--preset", "tiny", "--set", "model=1"], "model"),
     ],
 )
-def test_bad_train_input_is_one_line_naming_the_field(argv, field, tmp_path, capsys):
+def test_bad_train_input_is_one_line_naming_the_field(argv, field, tmp_path, capsys, one_error_line):
     out = tmp_path / "runs"
     code = main(["train", *argv, "--out", str(out)])
-    err = capsys.readouterr().err
+    line = one_error_line(capsys.readouterr().err)
     assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert re.search(rf"(^|\W){re.escape(field)}(\W|$)", lines[0]), lines[0]
-    assert not (out / "seismo.sqlite").exists()  # nothing was started
-
-
-def test_runs_with_missing_store_exits_2(tmp_path, capsys):
-    code = main(["runs", "--store", str(tmp_path / "missing.sqlite")])
-    err = capsys.readouterr().err
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "--store" in lines[0] and "missing.sqlite" in lines[0]
-    assert not (tmp_path / "missing.sqlite").exists()  # reading does not create a store
-
-
-def test_presets_lists_every_preset(capsys):
-    assert main(["presets"]) == 0
-    out = capsys.readouterr().out
-    for name in PRESETS:
-        assert re.search(rf"^{name}\s", out, re.M), name
-
-
-def test_demo_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--steps", "8", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
-    pngs = list(out.glob("demo-*.png"))
-    assert len(pngs) == 1 and pngs[0].stat().st_size > 1000
-    assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = [line for line in text.splitlines() if "│" in line]
-    assert any("unstable" in r for r in rows)
-    assert any("qk-norm + z-loss" in r for r in rows)
-    with RunStore(out / "seismo.sqlite") as store:
-        names = sorted(r.name for r in store.runs())
-    assert len(names) == 2
-    assert names[0].startswith("demo-qknorm-zloss-") and names[1].startswith("demo-unstable-")
+    assert re.search(rf"(^|\W){re.escape(field)}(\W|$)", line), line
+    assert not out.exists()  # nothing was started
 
 
 def test_train_stop_and_resume_matches_an_uninterrupted_run(tmp_path, capsys):
@@ -116,3 +77,27 @@ def test_train_stop_and_resume_matches_an_uninterrupted_run(tmp_path, capsys):
         s_cut, v_cut = store.series(runs["cut"].run_id, "loss")
     assert list(s_cut) == list(s_full) == list(range(6))
     assert list(v_cut) == list(v_full)
+
+
+def test_resume_without_a_checkpoint_is_an_error_and_resume_or_start_starts(tmp_path, capsys, one_error_line):
+    out = tmp_path / "runs"
+    common = ["train", "--preset", "tiny", "--set", "steps=3", "--set", "monitor=none", "--out", str(out), "--name", "fresh"]
+    assert main([*common, "--resume"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--resume: no checkpoint at" in line and "checkpoint.pt" in line
+    assert not (out / "fresh").exists()  # refused before anything was written
+    assert main([*common, "--resume-or-start"]) == 0
+    assert "fresh: completed after 3 steps" in capsys.readouterr().out
+
+
+def test_cli_trains_a_full_batch_preset_into_the_store(tmp_path, capsys, one_error_line):
+    out = tmp_path / "runs"
+    assert main(["train", "--preset", "eos_mlp", "--set", "steps=30", "--set", "lr=0.2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    run = load_run(out / "seismo.sqlite", "eos-mlp")
+    steps, eig = run.series("hessian/max_eig")
+    assert steps.tolist() == [0, 10, 20] and "completed after 30 steps" in text
+    ratio = float(np.median((eig / (2 / 0.2))[1:]))  # the second half of the three probes: steps 10 and 20
+    assert f"sharpness_ratio {ratio:.3f}" in text
+    assert main(["train", "--preset", "eos_mlp", "--resume", "--out", str(out)]) == 2
+    assert "no checkpoints" in one_error_line(capsys.readouterr().err)
