@@ -16,11 +16,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from seismo.cli._common import CLIError, check_directory, esc, fmt
 from seismo.diagnose.engine import AlertPrinter
+from seismo.errors import ConfigError
 from seismo.proxy.checkpoint import RESUMABLE_CHANGES, check_resume_checkpoint
+from seismo.proxy.fullbatch import FullBatchConfig
 from seismo.proxy.resources import check_device, check_memory
+from seismo.proxy.sweep import Trial
 from seismo.proxy.train import RunResult, TrainConfig, train
 
-__all__ = ["preflight", "check_resume", "train_with_progress"]
+__all__ = ["preflight", "preflight_trials", "check_resume", "train_with_progress"]
 
 
 def preflight(cfg, out: str | Path) -> None:
@@ -30,6 +33,18 @@ def preflight(cfg, out: str | Path) -> None:
     check_directory(out, "--out")
     check_device(getattr(cfg, "device", "cpu"))
     check_memory(cfg)
+
+
+def preflight_trials(trials: list[Trial]) -> None:
+    """:func:`preflight`'s device and memory checks for every trial of a sweep (before any runs);
+    the error names the first trial that cannot run here."""
+    for t in trials:
+        cfg = FullBatchConfig.from_dict(t.config) if t.config.get("kind") == "fullbatch" else TrainConfig.from_dict(t.config)
+        try:
+            check_device(getattr(cfg, "device", "cpu"))
+            check_memory(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (trial {t.run_name})") from None
 
 
 def check_resume(cfg: TrainConfig, run_dir: Path, resume_or_start: bool) -> bool:

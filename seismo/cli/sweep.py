@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from seismo.cli._common import DEFAULT_RUNS_DIR, CLIError, Subcommand, check_directory, console, esc, fmt
+from seismo.cli._training import preflight_trials
 from seismo.diagnose.detectors import default_detectors
 from seismo.proxy.measures import predict_unstable_lrs
 from seismo.proxy.sweep import expand, load_sweep_file, load_sweep_results, run_sweep, summarize_sweep
@@ -58,6 +59,7 @@ class Sweep(Subcommand):
         out = check_directory(args.out, "--out")
         store_path = out / "seismo.sqlite"
         trials = expand(sweep)  # validates every trial's config before anything runs
+        preflight_trials(trials)  # and that each can run here: its device exists, it fits in memory
         grid = f"{len(sweep.interventions)} interventions x {len(sweep.sizes)} sizes x {len(sweep.lrs)} lrs x {len(sweep.seeds)} seeds"
         con.print(f"[bold]sweep {esc(sweep.name)}[/bold]: {len(trials)} trials ({grid}), backend {args.backend}, store {esc(store_path)}")
         with Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[running]} running"),

@@ -135,6 +135,19 @@ def test_toml_seeds_must_be_integers(tmp_path, capsys, one_error_line):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("override, field", [
+    ("batch_size=100000000", "batch_size"),
+    ("device=xyz", "device"),
+    ("optim.eps=nan", "optim.eps"),
+])
+def test_sweep_trials_that_cannot_run_here_are_refused_before_any_runs(override, field, tmp_path, capsys, one_error_line):
+    out = tmp_path / "runs"
+    assert main(["sweep", "qk_layernorm", "--quick", "--set", override, "--out", str(out)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert _field_in(field, line), line
+    assert not out.exists()
+
+
 # --- --resume on a bad checkpoint ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
