@@ -103,7 +103,7 @@ def test_report_loads_with_no_console_message_and_no_request(report, tmp_path):
     bare.write_text(re.sub(r"<svg.*?</svg>", "", report.read_text(), flags=re.S))
     _, _, img_bare = load(bare, tmp_path, 7000)
     drawn, bare_count = colorful_pixels(img), colorful_pixels(img_bare)
-    assert drawn > 50_000 and bare_count < drawn / 20, (drawn, bare_count)
+    assert drawn - bare_count > 50_000, (drawn, bare_count)  # the rest: card borders, severity text, links
     # ... spread over the page's height (every figure), not one blob
     rows = np.nonzero((img.max(axis=2) - img.min(axis=2) > 60).sum(axis=1) > 20)[0]
     assert len(rows) > 500 and rows.max() - rows.min() > 3000
