@@ -1,7 +1,10 @@
 """``seismo.sinks.MLflow``: seismo's signals and events in an MLflow run.
 
 Each flush is one ``MlflowClient.log_batch`` call per 1,000 values (MLflow's limit per
-request) with every value of every step in the batch; events are kept as run artifacts,
+request) with every value of every step in the batch, sent by default from MLflow's background
+logging thread (``synchronous=False``): the training thread only queues them, and waits for the
+previous flush's batches before queueing new ones (so a slow store slows training down instead
+of piling up data, and a failed batch is reported, by one warning, one flush later at most); events are kept as run artifacts,
 ``seismo/events.json`` (one object per event: step, kind, severity, module, message, advice,
 evidence) and ``seismo/events.txt`` (one line per event), rewritten when new events come, and a
 run tag ``seismo.events`` says how many there are and which came last.
@@ -52,7 +55,8 @@ class MLflow(BackendSink):
         tracking_uri: where MLflow keeps runs (``sqlite:///mlflow.db``, ``http://host:5000``,
             ``file:/path`` with ``MLFLOW_ALLOW_FILE_STORE=true`` on MLflow 3); None: MLflow's default.
         prefix: put in front of every signal name (e.g. ``"seismo/"``).
-        synchronous: False sends batches from MLflow's background thread (``flush()`` waits for them).
+        synchronous: False (default): batches go through MLflow's background thread (``flush()``
+            and ``close()`` wait for them); True: each ``log_batch`` returns when it is stored.
 
     Example::
 
@@ -61,7 +65,7 @@ class MLflow(BackendSink):
     """
 
     def __init__(self, experiment: str | None = None, *, run_id: str | None = None, run_name: str | None = None,
-                 tracking_uri: str | None = None, prefix: str = "", synchronous: bool = True) -> None:
+                 tracking_uri: str | None = None, prefix: str = "", synchronous: bool = False) -> None:
         super().__init__(prefix)
         for field, value in (("experiment", experiment), ("run_id", run_id), ("run_name", run_name), ("tracking_uri", tracking_uri)):
             if value is not None and (not isinstance(value, str) or not value):
@@ -103,6 +107,7 @@ class MLflow(BackendSink):
         Metric, name_of = self._metric, self._name
         ms = int(time.time() * 1000)
         metrics = [Metric(name_of(name), v, ms, int(step)) for step, record in records for name, v in self.prefixed(record)]
+        self._flush()  # the previous flush's batches: done by now unless the store is slow
         for i in range(0, len(metrics), _MAX_PER_BATCH):
             chunk = metrics[i : i + _MAX_PER_BATCH]
             if self.synchronous:

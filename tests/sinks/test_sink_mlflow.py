@@ -87,7 +87,12 @@ def test_one_batch_per_thousand_values_prefix_and_non_finite(tracking_uri, tmp_p
     sink = MLflow(experiment="batches", tracking_uri=tracking_uri, prefix="seismo/")
     calls = []
     log_batch = sink.client.log_batch
-    monkeypatch.setattr(sink.client, "log_batch", lambda run_id, metrics, **k: (calls.append(len(metrics)), log_batch(run_id, metrics, **k)))  # noqa: E501
+
+    def spy(run_id, metrics, **kwargs):
+        calls.append(len(metrics))
+        return log_batch(run_id, metrics, **kwargs)
+
+    monkeypatch.setattr(sink.client, "log_batch", spy)
     records = [(s, {f"grad/norm/layer.{i}": float(s * 100 + i) for i in range(100)}) for s in range(25)]  # 2,500 values
     records.append((25, {"loss": math.nan, "up": math.inf, "down": -math.inf, "odd name!": 1.0, "skipped": "n/a"}))
     sink.write_records(records)
@@ -129,9 +134,9 @@ def test_existing_run_is_used_and_left_open(tmp_path, monkeypatch):
     uri = f"file:{tmp_path / 'mlruns'}"
     client = MlflowClient(tracking_uri=uri)
     run_id = client.create_run(client.create_experiment("mine")).info.run_id
-    sink = MLflow(run_id=run_id, tracking_uri=uri, synchronous=False)
+    sink = MLflow(run_id=run_id, tracking_uri=uri, synchronous=True)
     sink.write_records([(0, {"loss": 2.0}), (1, {"loss": 1.0})])
-    sink.close()  # waits for the background batches
+    sink.close()
     assert client.get_run(run_id).info.status == "RUNNING"
     assert {m.step: m.value for m in client.get_metric_history(run_id, "loss")} == {0: 2.0, 1: 1.0}
 
@@ -153,6 +158,18 @@ def test_a_failing_backend_turns_the_sink_off_with_one_warning(tmp_path, monkeyp
         sink.write_records([(1, {"loss": 1.0})])
         sink.write_events(sample_events())
         sink.close()
+
+
+def test_a_failed_background_batch_is_reported_by_the_next_flush(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file:{tmp_path / 'mlruns'}"
+    sink = MLflow(experiment="x", tracking_uri=uri)  # synchronous=False: MLflow's logging thread sends the batches
+    MlflowClient(tracking_uri=uri).delete_run(sink.run_id)  # MLflow refuses to log to a deleted run
+    sink.write_records([(0, {"loss": 1.0})])  # queued: no error on the training thread
+    with pytest.warns(RuntimeWarning, match="MLflow is off after a failed write_records: MlflowException"):
+        sink.write_records([(1, {"loss": 1.0})])  # waits for the previous batch, which failed
+    assert sink.disabled is not None
+    sink.close()
 
 
 @pytest.mark.parametrize("kwargs, field", [({"experiment": ""}, "experiment"), ({"run_id": 3}, "run_id"),

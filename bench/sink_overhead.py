@@ -1,0 +1,181 @@
+"""Per-step overhead of the TensorBoard, W&B and MLflow sinks on the monitored TinyGPT loop.
+
+    python bench/sink_overhead.py [--sinks tensorboard,wandb,mlflow] [--steps 300] [--block 25]
+                                  [--warmup 5] [--threads 1] [--flush-every 50]
+
+Copies of TinyGPT in the demo configuration (d=128, 2 layers, 4 heads, T=128, B=32, vocabulary
+256, AdamW) with the same initialisation train on the same batches in the same process, each
+under ``seismo.Monitor(model, opt, probes="default", flush_every=...)``:
+
+* ``monitor``   - no sink: the baseline;
+* ``monitor-2`` - a second copy with no sink, the A/A control (the noise floor of this machine);
+* one copy per sink: ``TensorBoard`` (an event file), ``WandB`` (``WANDB_MODE=offline``: the run
+  is written by W&B's own service process, no network), ``MLflow`` (a local SQLite store, the
+  default of MLflow 3, and the file store with ``--mlflow-store file``).
+
+Training goes in blocks of ``--block`` steps, rotating which copy goes first each round, so load
+from other processes hits all copies alike. Every step is timed; the Monitor hands a batch of
+``--flush-every`` steps to its sinks at each flush, and the time spent inside each sink's
+``write_records`` / ``write_events`` is timed as well. Printed per sink:
+
+* **ratio (wall)**: mean step time of the copy / mean step time of ``monitor`` (means, not
+  medians: the sink's cost lands on one step in ``--flush-every``);
+* **direct**: (mean ``monitor`` step + the sink's own time per step) / mean ``monitor`` step:
+  the sink's cost alone, much less sensitive to load; it misses work done off the training
+  thread (W&B's service process, TensorBoard's writer thread);
+* **ms per flush**: wall time inside the sink per flush (median over flushes, and the max).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from _machine import cpu_model, loadavg
+
+D, L, H, T, B, V = 128, 2, 4, 128, 32, 256
+SINKS = ("tensorboard", "wandb", "mlflow")
+
+
+class TimedSink:
+    """Wraps a sink and times its write calls (wall and CPU time of the calling thread)."""
+
+    def __init__(self, sink):
+        self.sink = sink
+        self.name = type(sink).__name__
+        self.flushes: list[tuple[float, int]] = []  # (wall seconds, records) per write_records call (one per flush)
+        self.total_wall = 0.0
+
+    def write_records(self, records):
+        t0 = time.perf_counter()
+        out = self.sink.write_records(records)
+        dt = time.perf_counter() - t0
+        self.total_wall += dt
+        self.flushes.append((dt, len(records)))
+        return out
+
+    def write_events(self, events):
+        t0 = time.perf_counter()
+        self.sink.write_events(events)
+        self.total_wall += time.perf_counter() - t0
+
+    def flush(self):
+        self.sink.flush()
+
+    def set_status(self, status, meta=None):
+        self.sink.set_status(status, meta)
+
+    def close(self):
+        self.sink.close()
+
+
+def make_sink(kind: str, root: Path, name: str, mlflow_store: str):
+    from seismo import sinks
+
+    if kind == "tensorboard":
+        return sinks.TensorBoard(root / "tb" / name)
+    if kind == "wandb":
+        return sinks.WandB(project="seismo-bench", name=name, dir=str(root))
+    if kind == "mlflow":
+        uri = f"sqlite:///{root}/mlflow.db" if mlflow_store == "sqlite" else f"file:{root}/mlruns"
+        return sinks.MLflow(experiment="seismo-bench", run_name=name, tracking_uri=uri)
+    raise SystemExit(f"unknown sink {kind!r}; choose from {SINKS}")
+
+
+class Loop:
+    """One model copy under a Monitor; ``run(n)`` trains n more steps and times each one."""
+
+    def __init__(self, name: str, data: torch.Tensor, flush_every: int, sink=None):
+        import seismo
+        from seismo.proxy.model import GPTConfig, TinyGPT
+
+        torch.manual_seed(0)
+        self.name = name
+        self.model = TinyGPT(GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=D))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+        self.sink = TimedSink(sink) if sink is not None else None
+        self.monitor = seismo.Monitor(self.model, self.opt, probes="default", flush_every=flush_every,
+                                      sinks=[self.sink] if self.sink is not None else [])
+        self.data = data
+        self.i = 0
+        self.steps: list[float] = []
+
+    def run(self, n: int, record: bool = True) -> None:
+        for _ in range(n):
+            batch = self.data[self.i % len(self.data)]
+            self.i += 1
+            t0 = time.perf_counter()
+            _, loss = self.model(batch[:, :-1], batch[:, 1:])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.monitor.step(loss)
+            if record:
+                self.steps.append(time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sinks", default=",".join(SINKS), help=f"comma-separated subset of {SINKS}")
+    ap.add_argument("--steps", type=int, default=300, help="timed steps per copy (a multiple of --block)")
+    ap.add_argument("--block", type=int, default=25, help="steps per block")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps per copy before timing")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    ap.add_argument("--flush-every", type=int, default=50, help="the Monitor's flush interval (its default: 50)")
+    ap.add_argument("--mlflow-store", choices=("sqlite", "file"), default="sqlite", help="MLflow's local store")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    root = Path(tempfile.mkdtemp(prefix="seismo-sink-bench-"))
+    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(root), WANDB_CONFIG_DIR=str(root / "wandb-config"),
+                      WANDB_CACHE_DIR=str(root / "wandb-cache"), WANDB_DATA_DIR=str(root / "wandb-data"), WANDB_DISABLE_GIT="true",
+                      MLFLOW_ALLOW_FILE_STORE="true")
+    print(f"machine: nproc={os.cpu_count()}, CPU {cpu_model()!r}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"python {platform.python_version()}")
+    print(f"TinyGPT d={D}, {L} layers, {H} heads, T={T}, B={B}, V={V}, AdamW; Monitor probes='default', flush_every={args.flush_every}; "
+          f"{args.steps} timed steps per copy in blocks of {args.block}; load before: {loadavg()}", flush=True)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, V, (8, B, T + 1), generator=g)
+    loops = [Loop("monitor", data, args.flush_every), Loop("monitor-2", data, args.flush_every)]
+    for kind in args.sinks.split(","):
+        kind = kind.strip()
+        loops.append(Loop(kind, data, args.flush_every, make_sink(kind, root, kind, args.mlflow_store)))
+    for lp in loops:
+        lp.run(args.warmup, record=False)
+    t_start = time.time()
+    rounds = max(1, args.steps // args.block)
+    n = len(loops)
+    for r in range(rounds):
+        order = loops[r % n:] + loops[: r % n]
+        for lp in order if r % 2 == 0 else order[::-1]:
+            lp.run(args.block)
+    for lp in loops:
+        lp.monitor.close()
+    print(f"load after: {loadavg()} ({time.time() - t_start:.0f} s); {len(loops[0].monitor.history)} signals", flush=True)
+
+    base = statistics.mean(loops[0].steps)
+    print(f"\nmonitor (no sink): mean {1e3 * base:.1f} ms/step, median {1e3 * statistics.median(loops[0].steps):.1f} ms/step "
+          f"over {len(loops[0].steps)} steps")
+    print(f"{'copy':<12} {'ratio (wall)':>12} {'direct':>8} {'ms/flush (median)':>18} {'ms/flush (max)':>15} {'flushes':>8}")
+    print(f"{'monitor-2':<12} {statistics.mean(loops[1].steps) / base:11.3f}x {'':>8} {'(A/A control)':>18}")
+    for lp in loops[2:]:
+        s = lp.sink
+        per_step = s.total_wall / max(1, len(lp.steps) + args.warmup)
+        flushes = [dt for dt, n in s.flushes if n == args.flush_every] or [dt for dt, _ in s.flushes]  # full flushes
+        print(f"{lp.name:<12} {statistics.mean(lp.steps) / base:11.3f}x {(base + per_step) / base:7.3f}x "
+              f"{1e3 * statistics.median(flushes):18.1f} {1e3 * max(flushes):15.1f} {len(flushes):8d}"
+              + (f"  (off: {s.sink.disabled})" if getattr(s.sink, "disabled", None) else ""))
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
