@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["z_loss", "stablemax_s", "stablemax", "stablemax_cross_entropy", "StableMax", "log_z"]
@@ -87,7 +86,3 @@ class StableMax(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return stablemax(x, self.dim)
 
-
-def softmax_cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
-    """Plain mean cross-entropy over non-ignored rows (kept here so callers can switch by name)."""
-    return F.cross_entropy(logits, targets, ignore_index=ignore_index)

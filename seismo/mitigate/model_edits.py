@@ -22,7 +22,6 @@ __all__ = [
     "QKNorm",
     "SigmaReparam",
     "apply_sigma_reparam",
-    "sigma_reparam_modules",
     "COSINE_SCALE_INIT",
     "COSINE_SCALE_MAX",
     "cosine_attention_scale",
@@ -107,15 +106,6 @@ def apply_sigma_reparam(model: nn.Module, gamma_init: str = "sigma0", skip: tupl
     if not done:
         raise ValueError("apply_sigma_reparam found no (untied) nn.Linear layer to convert")
     return done
-
-
-def sigma_reparam_modules(model: nn.Module) -> dict[str, SigmaReparam]:
-    """Map ``module name -> SigmaReparam`` for every reparametrized weight in ``model``."""
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, SigmaReparam):
-            out[name] = mod
-    return out
 
 
 def cosine_attention_scale(logit_scale: Tensor) -> Tensor:

@@ -35,19 +35,43 @@ def test_res_post_norm_normalises_only_the_branch_output():
     assert torch.allclose(out, nn.functional.layer_norm(branch(x), (8,)), atol=1e-5)
 
 
-def test_scaled_cosine_attention_matches_reference_and_is_bounded():
+def _attention_weights(att: ScaledCosineAttention, q, k) -> torch.Tensor:
+    """The block's own attention weights: with v = the identity, out[..., i, :] is row i of softmax."""
+    B, H, T, _ = q.shape
+    v = torch.eye(T, dtype=q.dtype).expand(B, H, T, T)
+    return att(q, k, v, is_causal=True)
+
+
+def _cosine_reference(q, k, scale: float) -> torch.Tensor:
+    """Swin V2 (arXiv 2111.09883, eq. 2), written out: softmax(cos(q_i, k_j) * scale), causal."""
+    T = q.shape[-2]
+    cos = torch.einsum("bhid,bhjd->bhij", q, k) / (q.norm(dim=-1)[..., :, None] * k.norm(dim=-1)[..., None, :])
+    logits = (cos * scale).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    return torch.softmax(logits, -1)
+
+
+def test_scaled_cosine_attention_matches_the_paper_and_bounds_its_logits():
     torch.manual_seed(0)
     B, H, T, D = 2, 3, 5, 4
-    q, k, v = (torch.randn(B, H, T, D) * 100 for _ in range(3))
+    q, k = (torch.randn(B, H, T, D) * 100 for _ in range(2))  # dot products ~1e4: plain attention is one-hot
     att = ScaledCosineAttention(H)
     assert torch.allclose(att.scale().flatten(), torch.full((H,), 10.0))
-    out = att(q, k, v, is_causal=True)
-    logits = (q / q.norm(dim=-1, keepdim=True)) @ (k / k.norm(dim=-1, keepdim=True)).transpose(-2, -1) * 10.0
-    mask = torch.ones(T, T, dtype=torch.bool).tril()
-    ref = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1) @ v
-    assert torch.allclose(out, ref, atol=1e-4)
-    assert logits.abs().max() <= 10.0 + 1e-4
+    w = _attention_weights(att, q, k)
+    assert torch.allclose(w, _cosine_reference(q, k, 10.0), atol=1e-5)
+    # the logits the block applied are bounded by the scale: within a row, two weights differ by a
+    # factor of at most exp(2 * 10) (a plain dot-product attention here gives factors of ~exp(1e4))
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    logw = w.log().masked_fill(~causal, float("nan"))
+    spread = logw.nan_to_num(float("-inf")).amax(-1) - logw.nan_to_num(float("inf")).amin(-1)
+    assert float(spread.max()) <= 2 * 10.0 + 1e-3
+    assert float(spread.max()) > 5.0  # the inputs do use the range (the bound is not trivially met)
+    plain = torch.softmax((q @ k.transpose(-2, -1) / D**0.5).masked_fill(~causal, float("-inf")), -1)
+    assert float(plain[..., 1:, :].amax(-1).min()) > 0.999  # what the block prevents: one-hot rows
+
     with torch.no_grad():
         att.logit_scale.fill_(10.0)  # exp(10) would be 22026: clamped at 100
     assert torch.allclose(att.scale().flatten(), torch.full((H,), 100.0))
     assert math.isclose(float(att.scale().max()), 100.0, rel_tol=1e-6)
+    # the clamp acts in the forward pass too: the weights are those of scale 100, not 22026
+    w = _attention_weights(att, q.double(), k.double())
+    assert torch.allclose(w, _cosine_reference(q.double(), k.double(), 100.0), atol=1e-6)
