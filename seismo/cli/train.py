@@ -45,8 +45,6 @@ class Train(Subcommand):
             cfg.store = str(out / "seismo.sqlite")
         if getattr(cfg, "kind", "") == "fullbatch":  # a full-batch MLP preset (modular_mlp, eos_mlp)
             return self._run_fullbatch(cfg, args, out)
-        if not cfg.out_dir:
-            cfg.out_dir = str(out / dir_name)
         run_dir = Path(cfg.out_dir)
         resume = (args.resume or args.resume_or_start) and check_resume(cfg, run_dir, args.resume_or_start)
         ensure_directory(out, "--out")

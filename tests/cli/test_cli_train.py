@@ -79,6 +79,17 @@ def test_train_stop_and_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     assert list(v_cut) == list(v_full)
 
 
+def test_checkpoint_every_and_resume_through_the_cli(tmp_path, capsys):
+    """checkpoint_every needs a run directory: the CLI gives it one before validating the config."""
+    out = tmp_path / "runs"
+    common = ["train", "--preset", "tiny", "--set", "steps=4", "--set", "checkpoint_every=2", "--set", "monitor=none",
+              "--out", str(out), "--name", "ck"]
+    assert main([*common, "--set", "stop_at=3"]) == 0, capsys.readouterr().err
+    assert (out / "ck" / "checkpoint.pt").is_file()
+    assert main([*common, "--resume"]) == 0
+    assert "ck: completed after 4 steps" in capsys.readouterr().out
+
+
 def test_resume_without_a_checkpoint_is_an_error_and_resume_or_start_starts(tmp_path, capsys, one_error_line):
     out = tmp_path / "runs"
     common = ["train", "--preset", "tiny", "--set", "steps=3", "--set", "monitor=none", "--out", str(out), "--name", "fresh"]
