@@ -64,6 +64,24 @@ def monitored_run(tmp_path, one_torch_thread):
     return lambda sinks: run_monitored(tmp_path / "seismo.sqlite", sinks)
 
 
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """W&B in offline mode with every file of the test under tmp_path/wb; no network, no login."""
+    wandb = pytest.importorskip("wandb")
+    for var, sub in (("WANDB_DIR", ""), ("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"),
+                     ("WANDB_ARTIFACT_DIR", "artifacts")):
+        (tmp_path / "wb" / sub).mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv(var, str(tmp_path / "wb" / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    wandb.teardown()  # W&B keeps the settings of its first run in a process-wide singleton
+    yield tmp_path / "wb"
+    if wandb.run is not None:
+        wandb.run.finish()
+    wandb.teardown()
+
+
 def sample_events() -> list[Event]:
     """Events with every field set, including strings a renderer could misread."""
     return [

@@ -24,23 +24,6 @@ from seismo.sinks import WandB  # noqa: E402
 from seismo.sinks._base import EVENT_COLUMNS  # noqa: E402
 
 
-@pytest.fixture
-def offline(tmp_path, monkeypatch):
-    """Every W&B file of the test under tmp_path; no network, no login."""
-    for var, sub in (("WANDB_DIR", ""), ("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"),
-                     ("WANDB_ARTIFACT_DIR", "artifacts")):
-        (tmp_path / "wb" / sub).mkdir(parents=True, exist_ok=True)
-        monkeypatch.setenv(var, str(tmp_path / "wb" / sub))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
-    wandb.teardown()  # W&B keeps the settings of its first run in a process-wide singleton
-    yield tmp_path / "wb"
-    if wandb.run is not None:
-        wandb.run.finish()
-    wandb.teardown()
-
-
 def run_dir(root: Path) -> Path:
     (found,) = list((root / "wandb").glob("offline-run-*"))
     return found
