@@ -33,8 +33,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from seismo.monitor.probe import HookSet, ProbeContext, ProbeFailure, param_modules
-from seismo.monitor.schedules import Schedule, every
+from seismo.monitor.probe import HookedProbe, ProbeContext, ProbeFailure, param_modules
+from seismo.monitor.tracking import Schedule
 
 __all__ = ["AdamProbe", "adam_ratio", "adam_step_count", "adam_second_moment", "bias_corrections"]
 
@@ -82,15 +82,16 @@ def adam_ratio(exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor | float, beta1:
     return (exp_avg.float() / bc1) / (denom + eps), denom
 
 
-class AdamProbe:
-    def __init__(self, name: str = "adam", schedule: Schedule | None = None, bimodal_threshold: float = 0.9):
-        self.name = name
-        self.schedule = schedule or every(10)
-        self.bimodal_threshold = bimodal_threshold
-        self._armed = False
-        self._out: dict[str, Tensor] = {}
+class AdamProbe(HookedProbe):
+    """The Adam-state signals of the module docstring, from the optimizer's post-step hook."""
 
-    def attach(self, ctx: ProbeContext) -> None:
+    default_every = 10
+
+    def __init__(self, name: str = "adam", schedule: Schedule | None = None, bimodal_threshold: float = 0.9):
+        super().__init__(name, schedule)
+        self.bimodal_threshold = bimodal_threshold
+
+    def setup(self, ctx: ProbeContext) -> None:
         if ctx.optimizer is None:
             raise ProbeFailure("Adam signals need the optimizer (Monitor(model, optimizer))")
         self.opt = ctx.optimizer
@@ -109,16 +110,11 @@ class AdamProbe:
         for i, plist in enumerate(groups.values()):
             for p in plist:
                 self.owner_of[id(p)] = i
-        self.hooks = HookSet(self.name, ctx.on_error)
-        self.hooks.add(ctx.optimizer.register_step_post_hook(self.hooks.guard(self._post)))
-
-    def arm(self, step: int) -> None:
-        self._armed = True
-        self._out = {}
+        self.hooks.add(ctx.optimizer.register_step_post_hook(self.guard(self._post)))
 
     @torch.no_grad()
     def _post(self, optimizer, args, kwargs) -> None:
-        if not self._armed:
+        if not self.armed:
             return
         M = len(self.modules)
         dev = None
@@ -195,12 +191,4 @@ class AdamProbe:
             out[f"adam/ratio_bimodal/{m}"] = acc[i, 3] / n[i]
             out[f"adam/update_rms/{m}"] = rms[i]
             out[f"adam/eps_dominated/{m}"] = acc[i, 4] / n[i]
-        self._out = out
-
-    def collect(self, step: int, loss: Tensor | None) -> dict[str, Tensor]:
-        self._armed = False
-        out, self._out = self._out, {}
-        return out
-
-    def detach(self) -> None:
-        self.hooks.remove()
+        self.values = out

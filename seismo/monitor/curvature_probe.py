@@ -44,8 +44,8 @@ from seismo.monitor.curvature import (
     lanczos_top_eigenvalue,
     stability_threshold,
 )
-from seismo.monitor.probe import ProbeContext, ProbeFailure, warn_once
-from seismo.monitor.schedules import Schedule, every
+from seismo.monitor.probe import HookedProbe, ProbeContext, ProbeFailure, warn_once
+from seismo.monitor.tracking import Schedule
 
 __all__ = ["CurvatureProbe"]
 
@@ -71,7 +71,7 @@ def _untouched(model: nn.Module, params: list[Tensor]) -> Iterator[None]:
                     b.copy_(saved)
 
 
-class CurvatureProbe:
+class CurvatureProbe(HookedProbe):
     """Sharpness of a fixed probe batch, plain and Adam-preconditioned, against its threshold.
 
     Args:
@@ -85,6 +85,8 @@ class CurvatureProbe:
         trace: also estimate the Hessian trace with ``trace_samples`` Rademacher probes.
         seed: seed of the private generator for Lanczos start vectors and trace probes.
     """
+
+    default_every = 100
 
     def __init__(
         self,
@@ -100,17 +102,15 @@ class CurvatureProbe:
             raise TypeError(f"probe_loss must be a callable model -> loss, got {type(probe_loss).__name__}")
         if iters < 1 or trace_samples < 1:
             raise ValueError("CurvatureProbe needs iters >= 1 and trace_samples >= 1")
+        super().__init__(name, schedule)
         self.probe_loss = probe_loss
-        self.name = name
-        self.schedule = schedule or every(100)
         self.iters = iters
         self.trace = trace
         self.trace_samples = trace_samples
         self.seed = seed
-        self._armed = False
         self._warned: set[str] = set()
 
-    def attach(self, ctx: ProbeContext) -> None:
+    def setup(self, ctx: ProbeContext) -> None:
         self.model = ctx.model
         self.optimizer = ctx.optimizer
         self.params = [p for p in ctx.model.parameters() if p.requires_grad]
@@ -126,9 +126,6 @@ class CurvatureProbe:
         self._managed = [id(p) in managed for p in self.params]
         # Only where a threshold is derived: SGD (GD, heavy ball, Nesterov) and torch Adam / AdamW.
         self._threshold = opt is not None and has_stability_threshold(opt)
-
-    def arm(self, step: int) -> None:
-        self._armed = True
 
     def _preconditioner(self) -> Tensor | None:
         if not self._adam or not any(self._managed):
@@ -159,10 +156,7 @@ class CurvatureProbe:
             return torch.tensor(math.inf, device=device)
         return torch.tensor(stability_threshold(self.optimizer), device=device)
 
-    def collect(self, step: int, loss: Tensor | None) -> dict[str, Tensor]:
-        if not self._armed:
-            return {}
-        self._armed = False
+    def compute(self, step: int, loss: Tensor | None) -> dict[str, Tensor]:
         device = self.params[0].device
         dtype = torch.float32 if device.type == "mps" else torch.float64
         with _untouched(self.model, self.params):
@@ -187,6 +181,3 @@ class CurvatureProbe:
                 hvp, self.dim, samples=self.trace_samples, seed=self.seed + step, dtype=dtype, device=device
             )
         return out
-
-    def detach(self) -> None:
-        self._armed = False

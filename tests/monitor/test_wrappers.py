@@ -85,8 +85,13 @@ def test_lightning_optimizer():
     model = mlp()
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
     opt = pl.core.optimizer.LightningOptimizer(inner)
-    mon = Monitor(model, opt, probes="minimal", flush_every=1)
+    mon = Monitor(model, opt, probes="default", every=1, flush_every=1)
     assert mon.optimizer is inner
+    # Lightning's strategy ends in the inner optimizer's step(), where the probes' hooks sit
+    grads, updates = run(model, inner, mon, list(model.parameters()))
+    mon.disabled.pop("attn", None), mon.disabled.pop("act", None)  # an MLP has neither
+    check(mon, grads, updates)
+    assert len(mon.series("adam/v_max")[0]) == STEPS
 
 
 @pytest.fixture
