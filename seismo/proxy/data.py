@@ -116,7 +116,8 @@ class Dataset:
     vocab_size: int
     meta: dict
 
-    def batch(self, split: str, seed: int, step: int, batch_size: int, seq_len: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    def batch(self, split: str, seed: int, step: int, batch_size: int, seq_len: int,
+              device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
 

@@ -55,8 +55,8 @@ def z_loss(quick: bool = False) -> SweepConfig:
 
 def warmup(quick: bool = False) -> SweepConfig:
     """Short vs long warm-up: LR sensitivity (Wortsman 2023 §3.4.1; Gilmer 2022)."""
-    return _grid("warmup", quick, {"warmup_short": ["optim.warmup_steps=1"], "warmup_long": ["optim.warmup_steps=100" if not quick else "optim.warmup_steps=20"]},
-                 warmup.__doc__)
+    long = "optim.warmup_steps=20" if quick else "optim.warmup_steps=100"
+    return _grid("warmup", quick, {"warmup_short": ["optim.warmup_steps=1"], "warmup_long": [long]}, warmup.__doc__)
 
 
 def independent_wd(quick: bool = False) -> SweepConfig:
@@ -143,4 +143,5 @@ def get_sweep_preset(name: str, quick: bool = False) -> SweepConfig:
     try:
         return SWEEP_PRESETS[name](quick)
     except KeyError:
-        raise ConfigError(f"sweep: unknown preset {name!r}; choose one of {', '.join(sorted(SWEEP_PRESETS))} or give a .toml file") from None
+        names = ", ".join(sorted(SWEEP_PRESETS))
+        raise ConfigError(f"sweep: unknown preset {name!r}; choose one of {names} or give a .toml file") from None
