@@ -287,6 +287,10 @@ class Monitor:
             self.events.extend(events)
             self.fanout.write_events(events)
 
+    def write_events(self, events: Sequence[Event]) -> None:
+        """The Monitor as an event sink (for the Guard, say): the same as :meth:`emit`."""
+        self.emit(events)
+
     def events_sink(self, events: Sequence[Mapping[str, Any]]) -> None:
         """Old entry point: hand event dicts to the event sinks (not added to ``self.events``)."""
         if events:
