@@ -147,14 +147,19 @@ def test_events_returned_by_a_record_sink_reach_every_event_sink_and_the_store(t
     assert [(e["step"], e["kind"]) for e in stored] == [(3, "loss_spike"), (7, "loss_spike")]
 
 
-def test_emit_reaches_event_sinks_only():
+def test_emit_reaches_event_sinks_only_and_add_sink_joins_later():
     model = mlp()
-    rec, records_only = Recorder(), LossAbove(1e9)
+    rec, records_only, late = Recorder(), LossAbove(1e9), Recorder("late")
     mon = Monitor(model, None, probes="minimal", sinks=[records_only, rec])
     ev = Event("stall", "info", 4, module="0", message="hand-made")
     mon.emit([ev])
-    assert mon.events == [ev] and rec.event_calls == [[ev]] and rec.record_calls == []
+    mon.add_sink(late)
+    ev2 = Event("nonfinite", "critical", 5, message="nan")
+    mon.write_events([ev2])  # the Monitor is itself an event sink
+    assert mon.events == [ev, ev2] and rec.event_calls == [[ev], [ev2]] and rec.record_calls == []
+    assert late.event_calls == [[ev2]]
     mon.close()
+    assert late.closed == 1
 
 
 def test_a_raising_sink_is_removed_with_one_warning_and_training_goes_on():
