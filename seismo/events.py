@@ -26,7 +26,9 @@ SEVERITIES = ("info", "warning", "critical")
 KINDS = (
     "loss_spike",
     "loss_divergence",
+    "loss_regression",
     "grad_spike",
+    "update_spike",
     "nonfinite",
     "attention_logit_growth",
     "attention_entropy_collapse",

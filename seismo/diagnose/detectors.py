@@ -15,12 +15,13 @@ from typing import Iterable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
-from seismo._stats import MAD_TO_SIGMA
-from seismo.diagnose.stats import RobustWindow, TrendFit
+from seismo.diagnose.regression import LossRegressionDetector
+from seismo.diagnose.spikes import SpikeDetector
+from seismo.diagnose.stats import TrendFit
 from seismo.events import Event
 
 __all__ = [
-    "Detector", "SpikeDetector", "GrowthDetector", "NonFiniteDetector", "ThresholdDetector",
+    "Detector", "SpikeDetector", "LossRegressionDetector", "GrowthDetector", "NonFiniteDetector", "ThresholdDetector",
     "AdamDecorrelationDetector", "StallDetector", "EdgeOfStabilityDetector", "default_detectors",
 ]
 
@@ -43,112 +44,6 @@ def _modules(values: Mapping[str, float], prefix: str) -> Iterable[tuple[str, fl
 
 def _fmt(x: float) -> str:
     return f"{x:.3g}"
-
-
-class SpikeDetector:
-    """A value far above its recent baseline.
-
-    Baseline level: the median of the last ``recent`` accepted values; noise scale: the robust
-    (MAD-based) standard deviation of the first differences over the last ``window`` accepted
-    values, so a steadily decaying loss does not inflate it. Spike when
-    (x - level) / noise exceeds ``z`` *and* x exceeds the level by more than ``rel`` (relative).
-    Spikes are kept out of the window (unlike OLMo-core's rule, PEERS.md). One event per episode,
-    at its onset; an episode lasting ``persist`` observations becomes a ``divergence_kind`` event
-    (PaLM, arXiv 2204.02311: some spikes recover, some do not). With ``log=True`` the statistics
-    are taken on log values (norms are multiplicative). With ``module_prefix`` (e.g.
-    ``grad/norm/``) the module whose own signal jumped most is named as responsible.
-    """
-
-    def __init__(self, kind: str, signal: str, *, name: str | None = None, window: int = 128, recent: int = 16,
-                 z: float = 6.0, rel: float = 0.05, log: bool = False, min_history: int = 20, persist: int = 50,
-                 divergence_kind: str | None = None, module_prefix: str | None = None, noise_floor_rel: float = 1e-3):
-        self.name = name or kind
-        self.kind, self.signal = kind, signal
-        self.z, self.rel, self.log, self.min_history, self.persist = z, rel, log, min_history, persist
-        self.recent, self.noise_floor_rel = recent, noise_floor_rel
-        self.divergence_kind = divergence_kind
-        self.module_prefix = module_prefix
-        self.window = RobustWindow(window)
-        self.module_windows: dict[str, RobustWindow] = {}
-        self.in_spike = 0
-
-    def _t(self, x: float) -> float:
-        if not self.log:
-            return x
-        return math.log(x) if x > 0 else -math.inf
-
-    def update(self, step: int, values: Mapping[str, float]) -> list[Event]:
-        x = values.get(self.signal)
-        if x is None or not math.isfinite(x):
-            return []
-        out: list[Event] = []
-        tx = self._t(x)
-        spike = False
-        if len(self.window) >= self.min_history:
-            level, noise = self.window.level_and_noise(self.recent)
-            scale = max(noise, self.noise_floor_rel * max(abs(level), 1e-12) if not self.log else self.noise_floor_rel, 1e-12)
-            zscore = (tx - level) / scale
-            raw_level = math.exp(level) if self.log else level
-            rel = (x - raw_level) / max(abs(raw_level), 1e-12)
-            spike = zscore > self.z and rel > self.rel
-        if spike:
-            self.in_spike += 1
-            if self.in_spike == 1:
-                module, mz = self._responsible(values)
-                ratio = x / raw_level if raw_level else math.inf
-                ev = dict(value=x, baseline=raw_level, zscore=zscore, ratio=ratio, window=len(self.window))
-                if module:
-                    ev["module_zscore"] = mz
-                out.append(Event(self.kind, "warning", step, module,
-                                 f"{self.signal} jumped to {_fmt(x)} ({_fmt(ratio)}x its recent level {_fmt(raw_level)}, robust z {zscore:.1f})"
-                                 + (f"; largest jump in {module}" if module else ""), ev))
-            elif self.in_spike == self.persist and self.divergence_kind:
-                out.append(Event(self.divergence_kind, "critical", step, "",
-                                 f"{self.signal} has stayed far above its baseline {_fmt(raw_level)} for {self.persist} observations: not a transient spike",
-                                 dict(value=x, baseline=raw_level, observations=self.persist)))
-            if self.in_spike >= self.persist:
-                # A level that persists is the new normal: let it into the window so later spikes
-                # on top of it are still found (otherwise one level shift blinds the detector).
-                self.window.add(tx)
-        else:
-            self.in_spike = 0
-            self.window.add(tx)
-            self._learn_modules(values)
-        return out
-
-    def _learn_modules(self, values: Mapping[str, float]) -> None:
-        if not self.module_prefix:
-            return
-        for m, v in _modules(values, self.module_prefix):
-            if math.isfinite(v) and v > 0:
-                self.module_windows.setdefault(m, RobustWindow(self.window.size)).add(math.log(v))
-
-    def _responsible(self, values: Mapping[str, float]) -> tuple[str, float]:
-        if not self.module_prefix:
-            return "", 0.0
-        best, best_z = "", -math.inf
-        for m, v in _modules(values, self.module_prefix):
-            w = self.module_windows.get(m)
-            if w is None or len(w) < 4 or not (math.isfinite(v) and v > 0):
-                continue
-            med, mad = w.median_mad()
-            z = (math.log(v) - med) / max(MAD_TO_SIGMA * mad, 0.05)  # at least a 5% log-scale floor
-            if z > best_z:
-                best, best_z = m, z
-        return best, best_z
-
-    def state_dict(self) -> dict:
-        return {"window": self.window.state_dict(), "in_spike": self.in_spike,
-                "modules": {m: w.state_dict() for m, w in self.module_windows.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.window.load_state_dict(state["window"])
-        self.in_spike = int(state["in_spike"])
-        self.module_windows = {}
-        for m, s in state.get("modules", {}).items():
-            w = RobustWindow(int(s["size"]))
-            w.load_state_dict(s)
-            self.module_windows[m] = w
 
 
 class GrowthDetector:
@@ -335,7 +230,8 @@ class AdamDecorrelationDetector:
             self.low = self.low + 1 if cos < self.min_cos else 0
             if self.low == self.patience:
                 out.append(Event("adam_decorrelation", "warning", step, "",
-                                 f"Adam's update has had a cosine below {self.min_cos} with the gradient for {self.patience} observations ({cos:.3f})",
+                                 f"Adam's update has had a cosine below {self.min_cos} with the gradient "
+                                 f"for {self.patience} observations ({cos:.3f})",
                                  dict(update_grad_cos=cos)))
         return out
 
@@ -422,8 +318,10 @@ def default_detectors() -> list[Detector]:
     """The detectors with their default sensitivities (see docs/DIAGNOSE.md for each rule)."""
     return [
         NonFiniteDetector(),
-        SpikeDetector("loss_spike", "loss", z=6.0, rel=0.05, persist=50, divergence_kind="loss_divergence"),
-        SpikeDetector("grad_spike", "grad/norm", z=6.0, rel=1.0, log=True, module_prefix="grad/norm/"),
+        SpikeDetector("loss_spike", "loss", z=6.0, rel=0.05, persist=50, divergence_kind="loss_divergence", triage=True),
+        LossRegressionDetector(),
+        SpikeDetector("grad_spike", "grad/norm", z=6.0, rel=1.0, log=True, module_prefix="grad/norm/", module_z=6.0),
+        SpikeDetector("update_spike", "update/norm", z=6.0, rel=1.0, log=True, module_prefix="update/ratio/", module_z=6.0),
         GrowthDetector("attention_logit_growth", "attn/logit_max/", 1e3, floor=0.25, what="max attention logit"),
         ThresholdDetector("attention_entropy_collapse", "attn/entropy_min/", 0.1, 0.02, below=True,
                           what="min-over-heads attention entropy (nats)", min_consecutive=3),

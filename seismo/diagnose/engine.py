@@ -7,10 +7,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
+from rich.markup import escape
 
 from seismo.diagnose.detectors import Detector, default_detectors
 from seismo.diagnose.playbook import CAUSES, PRIORITY, mitigations_for
+from seismo.diagnose.replay import History, records_of, replay_events
 from seismo.events import Event
 
 __all__ = ["Diagnoser", "Diagnosis", "diagnose_history", "diagnose_run", "AlertPrinter"]
@@ -21,9 +22,12 @@ EventSink = Callable[[list[Event]], None]
 class Diagnoser:
     """Feed it ``(step, {signal: value})`` records; it runs every detector and fans events out.
 
-    Use it as a Monitor listener (``Monitor(..., diagnose=True)`` does this). Each event gets the
-    playbook's first recommendation as ``advice``. A detector that raises is disabled with one
-    warning; the others go on.
+    Use it as a record sink of the Monitor (``seismo.Monitor(..., diagnose=True)`` does this:
+    :meth:`write_records` takes a flush's records and returns the events), or call it per record.
+    Each ``warning`` / ``critical`` event gets the playbook's first recommendation as ``advice``
+    (an ``info`` event, such as an isolated loss outlier, advises nothing). A detector that raises
+    is disabled with one warning; the others go on. :meth:`replay` runs a whole recorded history
+    at once (numpy statistics, the same events as streaming it).
     """
 
     def __init__(self, detectors: Sequence[Detector] | None = None, sinks: Iterable[EventSink] = ()):
@@ -40,25 +44,36 @@ class Diagnoser:
         for det in list(self.detectors):
             try:
                 evs = det.update(step, values)
-            except Exception as exc:  # a detector failure must never stop training
+            except Exception as exc:  # noqa: BLE001 - a detector failure must never stop training: disable it, warn once
                 self.detectors.remove(det)
                 self.disabled[det.name] = f"{type(exc).__name__}: {exc}"
                 warnings.warn(f"seismo: detector '{det.name}' is off: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
                 continue
-            for e in evs:
-                if not e.advice:
-                    mit = mitigations_for(e.kind)
-                    e.advice = mit[0].advice() if mit else ""
             new.extend(evs)
-        if new:
-            self.events.extend(new)
-            for sink in list(self.sinks):
-                try:
-                    sink(new)
-                except Exception as exc:
-                    self.sinks.remove(sink)
-                    warnings.warn(f"seismo: event sink is off: {exc!r}", RuntimeWarning, stacklevel=2)
+        self._publish(new)
         return new
+
+    def replay(self, history: History) -> list[Event]:
+        """Run the detectors (which must be fresh) over a whole recorded history (``{name: (steps,
+        values)}``) and return the events, as streaming its records would (same events, same order)."""
+        new = replay_events(history, self.detectors)
+        self._publish(new)
+        return new
+
+    def _publish(self, new: list[Event]) -> None:
+        for e in new:
+            if not e.advice and e.severity != "info":
+                mit = mitigations_for(e.kind)
+                e.advice = mit[0].advice() if mit else ""
+        if not new:
+            return
+        self.events.extend(new)
+        for sink in list(self.sinks):
+            try:
+                sink(new)
+            except Exception as exc:  # noqa: BLE001 - an event sink failure must never stop training: drop it, warn once
+                self.sinks.remove(sink)
+                warnings.warn(f"seismo: event sink is off: {exc!r}", RuntimeWarning, stacklevel=3)
 
     def write_records(self, records: Sequence[tuple[int, Mapping[str, float]]]) -> list[Event]:
         """The RecordSink form (``seismo.events``): run the detectors over a flush, return the new events."""
@@ -78,7 +93,8 @@ class Diagnoser:
 
 class AlertPrinter:
     """Print events as they come without flooding: at most one line per (kind, module) every
-    ``quiet_steps`` steps, and a count of what was held back."""
+    ``quiet_steps`` steps, and a count of what was held back. ``warning`` and above by default
+    (``min_severity="info"`` shows isolated outliers too). Event text is escaped for rich markup."""
 
     def __init__(self, console=None, quiet_steps: int = 200, min_severity: str = "warning"):
         if console is None:
@@ -106,9 +122,11 @@ class AlertPrinter:
             more = self.held.pop(key, 0)
             color = "red" if e.severity == "critical" else "yellow"
             extra = f" (+{more} similar)" if more else ""
-            self.console.print(f"[{color}]seismo {e.severity} at step {e.step}: {e.kind}[/{color}] {e.message}{extra}")
+            where = f" in {escape(e.module)}" if e.module and e.module not in e.message else ""
+            head = f"[{color}]seismo {e.severity} at step {e.step}: {escape(e.kind)}[/{color}]"
+            self.console.print(f"{head}{where} {escape(e.message)}{extra}")
             if e.advice:
-                self.console.print(f"    try: {e.advice}")
+                self.console.print(f"    try: {escape(e.advice)}")
             self.last[key] = e.step
 
 
@@ -133,20 +151,17 @@ class Diagnosis:
         }
 
 
-def _records(history: Mapping[str, tuple[Sequence[int], Sequence[float]]]) -> list[tuple[int, dict[str, float]]]:
-    by_step: dict[int, dict[str, float]] = defaultdict(dict)
-    for name, (steps, vals) in history.items():
-        for s, v in zip(np.asarray(steps).tolist(), np.asarray(vals, dtype=np.float64).tolist()):
-            by_step[int(s)][name] = v
-    return sorted(by_step.items())
-
-
-def diagnose_history(history: Mapping[str, tuple[Sequence[int], Sequence[float]]], run: str = "run",
-                     detectors: Sequence[Detector] | None = None) -> Diagnosis:
-    """Replay a run's signals (``{name: (steps, values)}``) through the detectors, in step order."""
+def diagnose_history(history: History, run: str = "run", detectors: Sequence[Detector] | None = None,
+                     streaming: bool = False) -> Diagnosis:
+    """Replay a run's signals (``{name: (steps, values)}``) through fresh detectors. The batch
+    replay (:meth:`Diagnoser.replay`) by default; ``streaming=True`` feeds the records one by one
+    (the reference the replay is tested against)."""
     diag = Diagnoser(detectors)
-    for step, values in _records(history):
-        diag(step, values)
+    if streaming:
+        for step, values in records_of(history):
+            diag(step, values)
+    else:
+        diag.replay(history)
     return summarize(diag.events, run, sorted(history))
 
 

@@ -62,7 +62,8 @@ SPAM_OPT = Mitigation("SPAM / Stable-SPAM", "spike-aware clipping with momentum 
                       "Huang et al. 2025, arXiv 2501.06842; arXiv 2502.17055")
 SMALL_BATCH = Mitigation("smaller batch", "use a smaller batch (noisier, less time-correlated gradients)", "", MOLYBOG)
 CHECK_DATA = Mitigation("check the batch", "look for corrupt or extreme samples in the offending batches", "", PALM)
-RAISE_LR = Mitigation("check the schedule", "the learning rate or the update size may have decayed to nothing; raise it or shorten the decay", "", WORTSMAN)
+RAISE_LR = Mitigation("check the schedule",
+                      "the learning rate or the update size may have decayed to nothing; raise it or shorten the decay", "", WORTSMAN)
 
 PLAYBOOK: dict[str, list[Mitigation]] = {
     "attention_logit_growth": [QKNORM, SIGMA, LOWER_LR, COSINE, WARMUP],
@@ -70,7 +71,9 @@ PLAYBOOK: dict[str, list[Mitigation]] = {
     "output_logit_divergence": [ZLOSS, WD, LOWER_LR],
     "loss_spike": [ROLLBACK, CLIP, LOWER_LR, WARMUP],
     "loss_divergence": [ROLLBACK, LOWER_LR, QKNORM, ZLOSS],
+    "loss_regression": [LOWER_LR, WARMUP, CLIP, CHECK_DATA],
     "grad_spike": [CLIP, SPAM_OPT, SKIP, ROLLBACK, LOWER_LR],
+    "update_spike": [CLIP, LOWER_LR, SPAM_OPT, SKIP],
     "nonfinite": [SKIP, ROLLBACK, LOWER_LR, CHECK_DATA],
     "edge_of_stability": [WARMUP, LOWER_LR],
     "adam_decorrelation": [LOWER_LR, SMALL_EPS, SMALL_BATCH, ROLLBACK],
@@ -88,7 +91,10 @@ CAUSES: dict[str, str] = {
     "output_logit_divergence": "the output logits drifted so far that log Z left the stable range (Wortsman 2023 §3.2)",
     "loss_spike": "the loss spiked",
     "loss_divergence": "the loss left its baseline and did not come back",
+    "loss_regression": "the loss climbed above its own recent level and stayed there for a while "
+                       "(a slow instability, or a hard stretch of data)",
     "grad_spike": "the gradient norm spiked",
+    "update_spike": "the size of the optimizer update spiked (Adam update spikes come before loss spikes; Molybog 2023, arXiv 2304.09871)",
     "nonfinite": "NaN/Inf appeared in the loss or gradients",
     "edge_of_stability": "the loss sharpness exceeded what the learning rate tolerates (Cohen 2021; Gilmer 2022)",
     "adam_decorrelation": "Adam's update decorrelated from the gradient (time-correlated gradients; Molybog 2023)",
@@ -103,7 +109,7 @@ CAUSES: dict[str, str] = {
 PRIORITY = [
     "attention_logit_growth", "attention_entropy_collapse", "output_logit_divergence", "softmax_collapse",
     "adam_decorrelation", "epsilon_regime", "edge_of_stability", "gradient_variance_extreme", "activation_growth",
-    "grad_spike", "nonfinite", "loss_divergence", "loss_spike", "stall",
+    "update_spike", "grad_spike", "nonfinite", "loss_divergence", "loss_regression", "loss_spike", "stall",
 ]
 
 

@@ -207,10 +207,83 @@ def test_stall_needs_flat_loss_and_tiny_updates():
 
 # --- engine, state and failure ------------------------------------------------------------
 
-def test_default_detectors_cover_every_kind_name():
-    names = {d.name for d in default_detectors()}
-    emitted = set(KINDS) - {"loss_divergence"}
-    assert emitted <= names | {"loss_divergence"}
+def _triggers() -> dict[str, list[tuple[int, dict[str, float]]]]:
+    """For each event kind, records that should make the default detectors emit it."""
+    rng = np.random.default_rng(0)
+    loss = decaying_loss(400, 0.01, 1)
+    spike = loss.copy()
+    spike[300] += 2.0  # one step, back at once
+    diverge = loss.copy()
+    diverge[300:] += 2.0  # never comes back
+    bump = 3.0 + 0.02 * rng.standard_normal(2500)
+    bump[1500:2100] += 0.3  # a lasting climb of 0.3 nats (15 noise units)
+    noise = np.exp(0.1 * rng.standard_normal(200))
+    jump = noise.copy()
+    jump[150] *= 20.0
+
+    def series(name, xs):
+        return [(s, {name: float(v)}) for s, v in enumerate(xs)]
+
+    def growth(name, start, rate, n=60):
+        return [(s, {name: start * math.exp(rate * s)}) for s in range(n)]
+
+    def held(name, v, n=5, start=0):
+        return [(s, {name: v}) for s in range(start, start + n)]
+
+    nan_loss = series("loss", loss[:60])
+    nan_loss[50][1]["loss"] = math.nan
+    eos = [(s, {"hessian/max_eig": 10 * math.exp(0.2 * s), "hessian/threshold": 380.0}) for s in range(30)]
+    return {
+        "loss_spike": series("loss", spike),
+        "loss_divergence": series("loss", diverge),
+        "loss_regression": series("loss", bump),
+        "grad_spike": series("grad/norm", jump),
+        "update_spike": series("update/norm", jump),
+        "nonfinite": nan_loss,
+        "attention_logit_growth": growth("attn/logit_max/h.0.attn", 10.0, 0.1),
+        "attention_entropy_collapse": held("attn/entropy_min/h.0.attn", 0.05),
+        "output_logit_divergence": growth("logits/logz_absmax", 5.0, 0.05),
+        "edge_of_stability": eos,
+        "adam_decorrelation": held("adam/update_grad_cos", -0.2, start=100),
+        "epsilon_regime": held("adam/eps_dominated/h.0.mlp", 0.95),
+        "softmax_collapse": held("logits/softmax_collapse", 0.6),
+        "gradient_variance_extreme": series("adam/v_max", np.r_[noise[:100], 1e4]),
+        "activation_growth": growth("act/max/h.0", 100.0, 0.1),
+        "stall": [(s, {"loss": 2.0, "update/norm": 1e-9, "param/norm": 10.0}) for s in range(300)],
+    }
+
+
+def test_every_kind_has_a_series_that_triggers_it():
+    assert set(_triggers()) == set(KINDS)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_default_detectors_emit_each_kind_where_they_should(kind):
+    diag = Diagnoser(default_detectors())
+    for step, values in _triggers()[kind]:
+        diag(step, values)
+    assert kind in {e.kind for e in diag.events}, [(e.step, e.kind, e.severity) for e in diag.events]
+
+
+def test_default_detectors_stay_silent_on_a_healthy_decaying_loss():
+    diag = Diagnoser(default_detectors())
+    for s, v in enumerate(decaying_loss(3000, 0.01, 3)):
+        diag(s, {"loss": float(v), "grad/norm": 1.0 + 0.01 * math.sin(s), "update/norm": 0.1, "param/norm": 10.0})
+    assert [(e.kind, e.severity) for e in diag.events if e.severity != "info"] == []
+
+
+def test_grad_spike_in_one_module_is_found_against_its_own_history():
+    """A x100 gradient in one small module barely moves the global norm: the module's own history finds it."""
+    rng = np.random.default_rng(1)
+    det = SpikeDetector("grad_spike", "grad/norm", z=6.0, rel=1.0, log=True, module_prefix="grad/norm/", module_z=8.0)
+    evs = []
+    for s in range(120):
+        big, small = 10.0 * math.exp(0.05 * rng.standard_normal()), 0.01 * math.exp(0.05 * rng.standard_normal())
+        if s == 100:
+            small *= 100.0
+        evs += det.update(s, {"grad/norm": math.hypot(big, small), "grad/norm/big": big, "grad/norm/small": small})
+    assert [(e.step, e.module, e.evidence.get("scope")) for e in evs] == [(100, "small", "module")]
+    assert evs[0].evidence["ratio"] > 50
 
 
 def test_state_survives_checkpoint_resume():

@@ -51,11 +51,12 @@ def _tiny_data():
     return _DATA["ds"]
 
 
-def _tiny_loop(steps: int, *, lr: float = 1e-2, eps: float = 1e-8, before_step: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
-               grad_scale: Callable[[int], float] | None = None, grad_param: str = "", probes="full") -> list[Event]:
+def _tiny_loop(steps: int, *, lr: float = 1e-2, eps: float = 1e-8,
+               before_step: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
+               grad_scale: Callable[[int], float] | None = None, grad_param: str = "", probes="full", seed: int = 0) -> list[Event]:
     """A 2-layer d=64 TinyGPT on 8 x 64 tokens per step, AdamW at a constant ``lr``."""
     ds = _tiny_data()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = TinyGPT(GPTConfig(vocab_size=ds.vocab_size, block_size=64, n_embd=64))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, eps=eps, weight_decay=0.0)
     state = {"step": 0}
@@ -137,15 +138,20 @@ def test_loss_spike_on_a_one_step_lr_burst():
     assert not _kind(_tiny_loop(80, probes="minimal"), "loss_spike")
 
 
-def test_grad_spike_names_the_module_whose_gradient_jumped():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grad_spike_names_the_module_whose_gradient_jumped(seed):
+    """A x100 gradient injected into one weight at step 50 is a grad_spike at step 50 naming its module,
+    on every seed and any CPU kernel (the module's own norm against its own history decides, so it does
+    not depend on how much the global norm happened to move, nor on an unrelated early spike)."""
     events = _tiny_loop(70, grad_scale=lambda s: 100.0 if s == 50 else 1.0,
-                        grad_param="transformer.h.1.mlp.c_fc.weight", probes="minimal")
+                        grad_param="transformer.h.1.mlp.c_fc.weight", probes="minimal", seed=seed)
     at = [e for e in _kind(events, "grad_spike") if e.step == 50]
     assert at, [(e.step, e.kind, e.module) for e in events]
     assert at[0].module == "transformer.h.1.mlp.c_fc"
     assert at[0].evidence["ratio"] > 2
-    # the same run without the injection: no spike there (early grad norms do jump on their own elsewhere)
-    assert not [e for e in _kind(_tiny_loop(70, probes="minimal"), "grad_spike") if 45 <= e.step <= 55]
+    # the same run without the injection: nothing blames that module there
+    clean = _kind(_tiny_loop(70, probes="minimal", seed=seed), "grad_spike")
+    assert not [e for e in clean if 45 <= e.step <= 55 and e.module == "transformer.h.1.mlp.c_fc"]
 
 
 # --- epsilon_regime (ThresholdDetector) and stall (StallDetector) -----------------------------------

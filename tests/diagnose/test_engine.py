@@ -76,6 +76,8 @@ def test_monitor_runs_detectors_live_and_rate_limits_alerts(capsys):
         mon.step(loss)
     mon.close()
     spikes = [e for e in mon.events if e.kind == "loss_spike"]
-    assert [e.step for e in spikes] == [40, 45]
+    assert [(e.step, e.severity) for e in spikes] == [(40, "info"), (45, "info")]  # one-step outliers, back at once
+    assert [e.evidence["steps_to_recover"] for e in spikes] == [1, 1] and not any(e.advice for e in spikes)
     printed = console.file.getvalue()
-    assert printed.count("loss_spike") == 1  # the second one was held back
+    assert "loss_spike" not in printed  # the printer shows warnings and above by default
+    assert printed.count("grad_spike") == 1  # the gradient spiked with the loss; the second one was held back

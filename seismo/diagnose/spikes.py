@@ -1,0 +1,241 @@
+"""Spikes: a value far above its own recent level, triaged by what follows it.
+
+:class:`SpikeDetector` serves the loss (``loss_spike``, with triage), the global gradient norm
+(``grad_spike``, with module-local spikes) and Adam's update size (``update_spike``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+from seismo._stats import MAD_TO_SIGMA
+from seismo.diagnose.stats import RobustWindow
+from seismo.events import Event
+
+__all__ = ["SpikeDetector"]
+
+
+def _modules(values: Mapping[str, float], prefix: str) -> Iterable[tuple[str, float]]:
+    """(module, value) for every ``prefix<module>`` key."""
+    for k, v in values.items():
+        if k.startswith(prefix):
+            yield k[len(prefix):], v
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+class SpikeDetector:
+    """A value far above its recent baseline.
+
+    Baseline level: the median of the last ``recent`` accepted values; noise scale: the robust
+    (MAD-based) standard deviation of the first differences over the last ``window`` accepted
+    values, so a steadily decaying loss does not inflate it. Spike when
+    (x - level) / noise exceeds ``z`` *and* x exceeds the level by more than ``rel`` (relative).
+    Spikes are kept out of the window (unlike OLMo-core's rolling z-score, which lets them in and
+    so widens its own band). With ``log=True`` the statistics are taken on log values (norms are
+    multiplicative). An episode lasting ``persist`` observations becomes a ``divergence_kind``
+    event (PaLM, arXiv 2204.02311: some spikes recover, some do not).
+
+    Without ``triage`` the event comes at the onset, as a ``warning``. With ``triage`` (the loss)
+    the severity comes from the consequence (a heavy-tailed per-step loss has many one-step
+    outliers that training shrugs off; PaLM, arXiv 2204.02311, traced its spikes to particular
+    batches): the episode's level and noise are frozen at the onset and the episode ends when
+    the value is back within ``recover_z`` noise units of that level.
+
+    - back within ``quick`` observations: an ``info`` event (an isolated outlier, no advice),
+      emitted at the recovery;
+    - still out after ``quick`` observations: a ``warning``, emitted then;
+    - still out after ``persist``: the ``critical`` divergence event.
+
+    Every event has ``step`` = the onset and evidence ``peak_excess`` (nats, or log units with
+    ``log``), ``peak_excess_noise`` (noise units), ``excess_area`` (sum of the excess over the
+    episode so far) and ``steps_to_recover`` (None while it has not recovered).
+
+    With ``module_prefix`` (e.g. ``grad/norm/``) the module whose own signal jumped most is named
+    as responsible, and with ``module_z`` a module whose own signal jumps ``module_z`` noise units
+    and ``module_ratio`` times above its own recent level is reported even when the global signal
+    hardly moves (a x100 gradient in one small module moves the global norm little).
+    """
+
+    def __init__(self, kind: str, signal: str, *, name: str | None = None, window: int = 128, recent: int = 16,
+                 z: float = 6.0, rel: float = 0.05, log: bool = False, min_history: int = 20, persist: int = 50,
+                 divergence_kind: str | None = None, module_prefix: str | None = None, noise_floor_rel: float = 1e-3,
+                 triage: bool = False, quick: int = 5, recover_z: float = 3.0,
+                 module_z: float | None = None, module_ratio: float = 5.0):
+        self.name = name or kind
+        self.kind, self.signal = kind, signal
+        self.z, self.rel, self.log, self.min_history, self.persist = z, rel, log, min_history, persist
+        self.recent, self.noise_floor_rel = recent, noise_floor_rel
+        self.divergence_kind = divergence_kind
+        self.module_prefix = module_prefix
+        self.triage, self.quick, self.recover_z = triage, quick, recover_z
+        self.module_z, self.module_ratio = module_z, module_ratio
+        self.window = RobustWindow(window)
+        self.module_windows: dict[str, RobustWindow] = {}
+        self.module_in_spike: dict[str, int] = {}
+        self.in_spike = 0
+        self.episode: dict | None = None  # triage: the open episode's frozen statistics and running evidence
+
+    def _t(self, x: float) -> float:
+        if not self.log:
+            return x
+        return math.log(x) if x > 0 else -math.inf
+
+    def _scale(self, level: float, noise: float) -> float:
+        floor = self.noise_floor_rel if self.log else self.noise_floor_rel * max(abs(level), 1e-12)
+        return max(noise, floor, 1e-12)
+
+    def update(self, step: int, values: Mapping[str, float]) -> list[Event]:
+        x = values.get(self.signal)
+        if x is None or not math.isfinite(x):
+            return []
+        tx = self._t(x)
+        if self.triage and self.episode is not None:
+            return self._continue_episode(step, x, tx)
+        out: list[Event] = []
+        spike = False
+        if len(self.window) >= self.min_history:
+            level, noise = self.window.level_and_noise(self.recent)
+            scale = self._scale(level, noise)
+            zscore = (tx - level) / scale
+            raw_level = math.exp(level) if self.log else level
+            rel = (x - raw_level) / max(abs(raw_level), 1e-12)
+            spike = zscore > self.z and rel > self.rel
+        if spike and self.triage:
+            self.episode = dict(onset=step, level=level, scale=scale, raw_level=raw_level, peak=x, peak_z=zscore,
+                                area=tx - level, n=1, warned=False)
+            self.in_spike = 1
+            return []
+        if spike:
+            self.in_spike += 1
+            if self.in_spike == 1:
+                module, mz = self._responsible(values)
+                ratio = x / raw_level if raw_level else math.inf
+                ev = dict(value=x, baseline=raw_level, zscore=zscore, ratio=ratio, window=len(self.window))
+                if module:
+                    ev["module_zscore"] = mz
+                out.append(Event(self.kind, "warning", step, module,
+                                 f"{self.signal} jumped to {_fmt(x)} ({_fmt(ratio)}x its recent level {_fmt(raw_level)}, "
+                                 f"robust z {zscore:.1f})"
+                                 + (f"; largest jump in {module}" if module else ""), ev))
+            elif self.in_spike == self.persist and self.divergence_kind:
+                out.append(self._divergence(step, x, raw_level))
+            if self.in_spike >= self.persist:
+                # A level that persists is the new normal: let it into the window so later spikes
+                # on top of it are still found (otherwise one level shift blinds the detector).
+                self.window.add(tx)
+        else:
+            self.in_spike = 0
+            self.window.add(tx)
+        if self.module_prefix:
+            local = self._module_spikes(step, values)
+            if local and not out:
+                out.append(local)
+        return out
+
+    def _divergence(self, step: int, x: float, raw_level: float) -> Event:
+        return Event(self.divergence_kind or self.kind, "critical", step, "",
+                     f"{self.signal} has stayed far above its baseline {_fmt(raw_level)} for {self.persist} observations: "
+                     "not a transient spike", dict(value=x, baseline=raw_level, observations=self.persist))
+
+    def _continue_episode(self, step: int, x: float, tx: float) -> list[Event]:
+        ep = self.episode
+        assert ep is not None
+        excess = tx - ep["level"]
+        if excess / ep["scale"] <= self.recover_z:
+            self.episode, self.in_spike = None, 0
+            self.window.add(tx)
+            if ep["warned"]:
+                return []
+            return [self._triage_event(ep, "info", step - ep["onset"])]
+        ep["n"] += 1
+        self.in_spike = ep["n"]
+        ep["area"] += excess
+        if x > ep["peak"]:
+            ep["peak"], ep["peak_z"] = x, excess / ep["scale"]
+        out: list[Event] = []
+        if ep["n"] == self.quick + 1:
+            ep["warned"] = True
+            out.append(self._triage_event(ep, "warning", None))
+        if ep["n"] == self.persist and self.divergence_kind:
+            out.append(self._divergence(step, x, ep["raw_level"]))
+        if ep["n"] >= self.persist:
+            self.window.add(tx)
+        return out
+
+    def _triage_event(self, ep: dict, severity: str, steps_to_recover: int | None) -> Event:
+        peak_excess = ep["peak"] - ep["raw_level"] if not self.log else self._t(ep["peak"]) - ep["level"]
+        ratio = ep["peak"] / ep["raw_level"] if ep["raw_level"] else math.inf
+        ev = dict(value=ep["peak"], baseline=ep["raw_level"], zscore=ep["peak_z"], ratio=ratio,
+                  peak_excess=peak_excess, peak_excess_noise=ep["peak_z"], excess_area=ep["area"],
+                  steps_to_recover=steps_to_recover, observations=ep["n"], window=len(self.window))
+        if severity == "info":
+            what = (f"isolated outlier: {self.signal} jumped to {_fmt(ep['peak'])} (+{_fmt(peak_excess)} over its level "
+                    f"{_fmt(ep['raw_level'])}, {ep['peak_z']:.1f} noise units) and was back after {steps_to_recover} steps")
+        else:
+            what = (f"{self.signal} jumped to {_fmt(ep['peak'])} (+{_fmt(peak_excess)} over its level {_fmt(ep['raw_level'])}, "
+                    f"{ep['peak_z']:.1f} noise units) and has not recovered after {ep['n']} observations")
+        return Event(self.kind, severity, ep["onset"], "", what, ev)
+
+    def _module_spikes(self, step: int, values: Mapping[str, float]) -> Event | None:
+        """Learn every module's own history; with ``module_z``, report the module that jumped most
+        against its own history (one event per module episode)."""
+        best: tuple[float, str, float, float] | None = None
+        for m, v in _modules(values, self.module_prefix or ""):
+            if not (math.isfinite(v) and v > 0):
+                continue
+            w = self.module_windows.setdefault(m, RobustWindow(self.window.size))
+            lv = math.log(v)
+            flagged = False
+            if self.module_z is not None and len(w) >= self.min_history:
+                level, noise = w.level_and_noise(self.recent)
+                zm = (lv - level) / max(noise, 0.05)  # at least a 5% log-scale floor
+                flagged = zm > self.module_z and lv - level > math.log(self.module_ratio)
+                if flagged:
+                    n = self.module_in_spike.get(m, 0) + 1
+                    self.module_in_spike[m] = n
+                    if n == 1 and (best is None or zm > best[0]):
+                        best = (zm, m, v, math.exp(level))
+            if not flagged:
+                self.module_in_spike[m] = 0
+                w.add(lv)
+        if best is None:
+            return None
+        zm, m, v, base = best
+        return Event(self.kind, "warning", step, m,
+                     f"{self.module_prefix}{m} jumped to {_fmt(v)} ({_fmt(v / base)}x its own recent level {_fmt(base)}, "
+                     f"robust z {zm:.1f}) while {self.signal} moved less", dict(value=v, baseline=base, zscore=zm, ratio=v / base,
+                                                                              scope="module", module_zscore=zm))
+
+    def _responsible(self, values: Mapping[str, float]) -> tuple[str, float]:
+        if not self.module_prefix:
+            return "", 0.0
+        best, best_z = "", -math.inf
+        for m, v in _modules(values, self.module_prefix):
+            w = self.module_windows.get(m)
+            if w is None or len(w) < 4 or not (math.isfinite(v) and v > 0):
+                continue
+            med, mad = w.median_mad()
+            z = (math.log(v) - med) / max(MAD_TO_SIGMA * mad, 0.05)  # at least a 5% log-scale floor
+            if z > best_z:
+                best, best_z = m, z
+        return best, best_z
+
+    def state_dict(self) -> dict:
+        return {"window": self.window.state_dict(), "in_spike": self.in_spike, "episode": dict(self.episode) if self.episode else None,
+                "modules": {m: w.state_dict() for m, w in self.module_windows.items()},
+                "module_in_spike": dict(self.module_in_spike)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window.load_state_dict(state["window"])
+        self.in_spike = int(state["in_spike"])
+        self.episode = dict(state["episode"]) if state.get("episode") else None
+        self.module_windows = {}
+        for m, s in state.get("modules", {}).items():
+            w = RobustWindow(int(s["size"]))
+            w.load_state_dict(s)
+            self.module_windows[m] = w
+        self.module_in_spike = {m: int(n) for m, n in state.get("module_in_spike", {}).items()}
