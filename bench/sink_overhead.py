@@ -1,6 +1,6 @@
 """Per-step overhead of the TensorBoard, W&B and MLflow sinks on the monitored TinyGPT loop.
 
-    python bench/sink_overhead.py [--sinks tensorboard,wandb,mlflow] [--steps 300] [--block 25]
+    python bench/sink_overhead.py [--sinks tensorboard,wandb,mlflow] [--steps 150] [--block 25]
                                   [--warmup 5] [--threads 1] [--flush-every 50]
 
 Copies of TinyGPT in the demo configuration (d=128, 2 layers, 4 heads, T=128, B=32, vocabulary
@@ -125,7 +125,7 @@ class Loop:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sinks", default=",".join(SINKS), help=f"comma-separated subset of {SINKS}")
-    ap.add_argument("--steps", type=int, default=300, help="timed steps per copy (a multiple of --block)")
+    ap.add_argument("--steps", type=int, default=150, help="timed steps per copy (a multiple of --block)")
     ap.add_argument("--block", type=int, default=25, help="steps per block")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per copy before timing")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")

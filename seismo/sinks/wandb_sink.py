@@ -70,7 +70,8 @@ class WandB(BackendSink):
         self.run = run
         self.step_metric = step_metric
         self._declared: set[str] = set()
-        self._last_step = -1
+        # W&B's step is seismo's unless step_metric is set; a run found may be past seismo's first steps.
+        self._last_step = int(getattr(run, "step", 0) or 0) if step_metric is None else -1
         self._dropped = 0
         try:
             self._table = wandb.Table(columns=list(EVENT_COLUMNS), log_mode="INCREMENTAL")

@@ -123,6 +123,17 @@ def test_logs_into_the_active_run_and_leaves_it_open(offline):
     assert metrics["loss"] == {0: 2.0} and metrics["user/metric"] == {1: 1.0}
 
 
+def test_a_run_found_past_seismos_steps_warns_once_with_the_fix(offline):
+    run = wandb.init(project="p")
+    for i in range(5):
+        run.log({"train/loss": float(i)})  # the run is at step 5
+    sink = WandB(run=run)
+    with pytest.warns(RuntimeWarning, match="step_metric='seismo/step'"):
+        sink.write_records([(0, {"loss": 2.0}), (1, {"loss": 1.5}), (5, {"loss": 1.0})])
+    run.finish()
+    assert read_back(offline)[0]["loss"] == {5: 1.0}
+
+
 def test_step_metric_for_a_run_with_its_own_step_counter(offline):
     run = wandb.init(project="p")
     for i in range(10):  # e.g. the Hugging Face WandbCallback, logging without step=
