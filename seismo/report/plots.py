@@ -51,7 +51,6 @@ def runs_figure(histories: Mapping[str, History], title: str = ""):
         axes[0][0].legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 

@@ -98,7 +98,6 @@ def loss_figure(runs: Runs):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.tight_layout()
     return fig
 
 
@@ -117,7 +116,7 @@ def heatmap_figure(runs: Runs, prefix: str, what: str, log: bool = False):
     finite = np.concatenate([z[np.isfinite(z)] for *_, z in shown])
     vmin, vmax = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
     height = max(1.8, 0.28 * max(len(m) for _, m, _, _ in shown) + 1.2)
-    fig, axes = new_figure(1, len(shown), figsize=(12 if len(shown) == 1 else 6.2 * len(shown), height), layout="constrained")
+    fig, axes = new_figure(1, len(shown), figsize=(12 if len(shown) == 1 else 6.2 * len(shown), height))
     for ax, (label, modules, steps, z) in zip(axes[0], shown):
         first, last = int(steps[0]), int(steps[-1])
         image = ax.imshow(z, aspect="auto", interpolation="nearest", cmap="viridis", vmin=vmin, vmax=vmax,
@@ -145,7 +144,6 @@ def _line_panels(runs: Runs, panels: Sequence[tuple[str, str]], figsize: tuple[f
     first = next((ax for ax in axes[0] if ax.lines), None)
     if first is not None:
         first.legend(fontsize=8)
-    fig.tight_layout()
     return fig
 
 
@@ -192,7 +190,6 @@ def sharpness_figure(runs: Runs):
     ax.set_ylabel("top Hessian eigenvalue")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     return fig
 
 
@@ -216,5 +213,4 @@ def timeline_figure(runs: Runs):
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
     return fig

@@ -27,8 +27,7 @@ __all__ = [
 
 
 def _finish(fig, base: Path) -> list[Path]:
-    """Lay out and save as PNG and SVG; returns the paths."""
-    fig.tight_layout()
+    """Save as PNG and SVG; returns the paths."""
     return [save_figure(fig, base.with_suffix("." + ext)) for ext in ("png", "svg")]
 
 
@@ -62,7 +61,6 @@ def loss_vs_lr_figure(summary):
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("final val loss (capped at init)")
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
     return fig
 
 
@@ -80,7 +78,6 @@ def sensitivity_vs_size_figure(summary):
     ax.set_ylabel("LR sensitivity")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     return fig
 
 
@@ -110,7 +107,6 @@ def attn_logit_vs_size_figure(summary, lr: float | None = None):
     ax.set_ylabel(f"max attention logit (lr {lr:g})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     return fig
 
 
@@ -155,7 +151,6 @@ def accuracy_figure(store: RunStore, rows: list[dict]):
     ax2.set_xlabel("step")
     ax2.set_ylabel("fraction of rows in Softmax Collapse")
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
     return fig
 
 
@@ -176,7 +171,6 @@ def sharpness_trials_figure(store: RunStore, rows: list[dict]):
     ax.set_ylabel("top Hessian eigenvalue (dashed: 2/lr)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     return fig
 
 
