@@ -33,6 +33,7 @@ def sqlite_uri(tmp_path_factory):
 
 @pytest.fixture(params=["file", "sqlite"])
 def tracking_uri(request, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the SQL store puts artifacts in ./mlruns
     if request.param == "file":
         monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
         return f"file:{tmp_path / 'mlruns'}"
