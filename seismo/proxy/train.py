@@ -347,6 +347,7 @@ def train(
     run_id = None
     run_uid = None  # names the stored run before it has an id: in the step-0 checkpoint and the run's meta
     ck_detectors: dict = {}
+    ck_probes: dict = {}
     if resume and ckpt_path is not None and ckpt_path.exists():
         ck = load_resume_checkpoint(ckpt_path, cfg.to_dict(), model, optimizer)  # a bad checkpoint is one ConfigError line
         torch.set_rng_state(ck["rng"])
@@ -356,6 +357,7 @@ def train(
         run_id = ck.get("run_id")
         run_uid = ck.get("run_uid")
         ck_detectors = ck.get("detectors") or {}
+        ck_probes = ck.get("probes") or {}
     elif ckpt_path is not None and cfg.checkpoint_every:
         # Resumable from the start: a kill before the first periodic checkpoint resumes here into
         # the same stored run (found by run_uid), instead of leaving it `running` forever.
@@ -379,6 +381,8 @@ def train(
         )
         if resume and monitor.diagnoser is not None and ck_detectors:
             monitor.diagnoser.load_state_dict(ck_detectors)
+        if resume:
+            _load_probe_states(monitor, ck_probes, device)
         run_id = monitor.run_id
 
     guard = None
@@ -570,6 +574,19 @@ def close_after_exception(exc: BaseException, monitor, guard=None, run_dir: Path
             warnings.warn(f"seismo: writing {run_dir / 'result.json'} failed: {write_exc}", RuntimeWarning, stacklevel=3)
 
 
+def _probe_states(monitor) -> dict:
+    """``{probe name: state}`` of the probes that keep state across steps (e.g. the loss probe's
+    moving mean): a resumed run restores them, so its rows equal the uninterrupted run's."""
+    return {p.name: p.state_dict() for p in monitor.probes if callable(getattr(p, "state_dict", None))}
+
+
+def _load_probe_states(monitor, states: dict, device: torch.device) -> None:
+    for p in monitor.probes:
+        state = states.get(p.name)
+        if state is not None and callable(getattr(p, "load_state_dict", None)):
+            p.load_state_dict({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state.items()})
+
+
 def _commit_records(monitor) -> None:
     """Flush the monitor, then wait until every sink has written what it got: the run store's
     ``flush`` returns once its writer has committed, so the rows of every finished step are on
@@ -580,13 +597,15 @@ def _commit_records(monitor) -> None:
 
 def _checkpoint(path, model, optimizer, step, losses, val_losses, run_id, monitor=None, run_uid=None, config=None) -> None:
     """Save the state after ``step`` steps (and the run's config), once every row up to that step is committed."""
-    detectors = {}
+    detectors, probes = {}, {}
     if monitor is not None:
         _commit_records(monitor)  # also: the detectors have seen every step up to the checkpoint
         if monitor.diagnoser is not None:
             detectors = monitor.diagnoser.state_dict()
+        probes = _probe_states(monitor)
     save_checkpoint(path, {
         "detectors": detectors,
+        "probes": probes,
         "step": step,
         "model": model.state_dict(),
         "optim": optimizer.state_dict(),

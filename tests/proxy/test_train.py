@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,6 +135,68 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(corpus, tmp_path, moni
             after = s_full >= 13
             assert np.array_equal(s_res, s_full[after])
             assert np.array_equal(v_res, v_full[after]), name
+
+
+def _stored_rows(store_path, run_id) -> list[tuple]:
+    """Every (step, name, value) row of a run, read with plain sqlite3 (not the store's code)."""
+    conn = sqlite3.connect(store_path)
+    try:
+        return conn.execute("SELECT step, name, value FROM metrics WHERE run_id = ? ORDER BY name, step", (run_id,)).fetchall()
+    finally:
+        conn.close()
+
+
+def test_checkpoint_is_written_only_after_the_rows_of_its_steps_are_committed(corpus, tmp_path, monkeypatch):
+    store = tmp_path / "store.sqlite"
+    cfg = small_cfg(corpus, steps=30, eval_every=0, monitor="default", out_dir=str(tmp_path / "r"), store=str(store),
+                    checkpoint_every=10, log_every=3)  # the monitor flushes every 3 steps, checkpoints fall in between
+    seen = []
+    real_save = train_mod.save_checkpoint
+
+    def checking_save(path, state):
+        if state["run_id"] is not None:  # the step-0 checkpoint is written before the run exists
+            steps = {s for s, name, _ in _stored_rows(store, state["run_id"]) if name == "loss"}
+            seen.append((state["step"], steps))
+        real_save(path, state)
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", checking_save)
+    train(cfg)
+    assert [step for step, _ in seen] == [10, 20, 30]
+    for step, steps in seen:
+        assert steps == set(range(step)), f"checkpoint at {step} claims steps whose rows are not on disk"
+
+
+def test_resume_forgets_rows_logged_after_its_checkpoint(corpus, tmp_path, monkeypatch):
+    """A crash after rows past the checkpoint were committed: the resumed run deletes them and
+    logs them again, so each step's rows exist once and equal an uninterrupted run's."""
+    store = tmp_path / "store.sqlite"
+
+    def cfg_for(name):
+        return small_cfg(corpus, steps=30, eval_every=10, monitor="default", out_dir=str(tmp_path / name), store=str(store),
+                         run_name=name, checkpoint_every=10)
+
+    full = train(cfg_for("full"))
+    copies = {}
+    real_save = train_mod.save_checkpoint
+
+    def keeping_save(path, state):
+        real_save(path, state)
+        copies[state["step"]] = Path(path).read_bytes()
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", keeping_save)
+    cfg = cfg_for("crashed")
+    cfg.stop_at = 25
+    part = train(cfg)
+    assert part.status == "interrupted"
+    assert max(s for s, _, _ in _stored_rows(store, part.run_id)) == 24  # rows of steps 20..24 are committed
+    (tmp_path / "crashed" / "checkpoint.pt").write_bytes(copies[20])  # as if killed before the step-25 checkpoint
+    cfg.stop_at = 0
+    resumed = train(cfg, resume=True)
+    assert resumed.run_id == part.run_id and resumed.status == "completed"
+    got, want = _stored_rows(store, part.run_id), _stored_rows(store, full.run_id)
+    assert len({(s, n) for s, n, _ in got}) == len(got)  # no (step, name) twice
+    assert got == want  # every row once, bitwise equal to the uninterrupted run
+    assert resumed.max_attn_logit == full.max_attn_logit  # over the whole run, not the resumed part only
 
 
 # --------------------------------------------------------------------------------------
