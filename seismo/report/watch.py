@@ -23,6 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
 from seismo.store import RUNNING, RunInfo, StoreError
 from seismo.store.codec import event_from_row
 from seismo.store.schema import APPLICATION_ID, EVENT_COLUMNS
@@ -201,11 +207,6 @@ def _fmt(v: float) -> str:
 
 def render(w: RunWatcher, width: int = 50) -> Any:
     """One frame: run header, loss sparkline, latest signals by group, latest events."""
-    from rich.console import Group
-    from rich.panel import Panel
-    from rich.table import Table
-    from rich.text import Text
-
     info = w.info
     head = Text()
     if info is None:
@@ -250,9 +251,6 @@ def watch(store_path: str | Path, run: str | int | None = None, *, once: bool = 
           console=None, until_done: bool = True) -> RunWatcher:
     """Show the run live until Ctrl-C (or, with ``until_done``, until it is no longer running);
     ``once`` prints one frame and returns. Returns the watcher (closed)."""
-    from rich.console import Console
-    from rich.live import Live
-
     console = console or Console()
     with RunWatcher(Path(store_path), run) as w:
         w.poll()
