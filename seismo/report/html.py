@@ -13,6 +13,7 @@ Entry point: :func:`write_report` (``seismo report`` and ``make demo`` call it).
 from __future__ import annotations
 
 import html
+import logging
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -37,6 +38,8 @@ from seismo.report.sweep_report import SweepTable, divergence_map, load_sweep, p
 from seismo.store import RunData, RunStore, StoreError, load_run
 
 __all__ = ["write_report", "render_runs", "render_sweep", "CSP", "MAX_EVENT_ROWS"]
+
+logger = logging.getLogger(__name__)
 
 #: The page's Content-Security-Policy: no request of any kind, inline styles and data: images only.
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
@@ -96,12 +99,20 @@ class _Section:
 
 
 def _figure_section(anchor: str, title: str, build: Callable[[], Any], missing: str, caption: str = "") -> _Section:
-    """A section holding one figure, or the one-line note ``missing`` when there is nothing to draw."""
-    fig = build()
-    if fig is None:
+    """A section holding one figure, or the one-line note ``missing`` when there is nothing to draw.
+
+    A figure that fails to draw costs its section, not the report: the section says why and the
+    failure is logged."""
+    try:
+        fig = build()
+        svg = None if fig is None else figure_svg(fig)
+    except Exception as exc:  # noqa: BLE001 - one odd series must not lose the whole report; shown and logged
+        logger.warning("seismo report: section %r not drawn: %s: %s", title, type(exc).__name__, exc)
+        return _Section(anchor, title, f'<p class="note">This section could not be drawn: {_e(type(exc).__name__)}: {_e(exc)}</p>')
+    if svg is None:
         return _Section(anchor, title, f'<p class="note">{_e(missing)}</p>')
     cap = f'<p class="sub">{_e(caption)}</p>' if caption else ""
-    return _Section(anchor, title, f'{cap}<div class="fig">{figure_svg(fig)}</div>')
+    return _Section(anchor, title, f'{cap}<div class="fig">{svg}</div>')
 
 
 def _page(title: str, subtitle: str, sections: Sequence[_Section]) -> str:

@@ -198,3 +198,16 @@ def test_a_diverged_run_with_nan_and_inf_renders(store_path, tmp_path):
     _, page = _report(store_path, tmp_path, ["boom"])
     assert page.tags("svg", "loss") and page.tags("svg", "attn-logit")
     assert "NaN/Inf appeared" in page.section_text("diagnosis")
+
+
+def test_a_figure_that_fails_costs_its_section_only(store_path, tmp_path, monkeypatch, caplog):
+    write_run(store_path, "r", signals(), EVENTS)
+
+    def broken(runs):
+        raise ValueError("odd <data>")
+
+    monkeypatch.setattr(rf, "logz_figure", broken)
+    _, page = _report(store_path, tmp_path, ["r"])
+    assert "could not be drawn: ValueError: odd <data>" in page.section_text("logz")
+    assert page.tags("data") == [] and page.tags("svg", "adam")  # escaped; the other sections are drawn
+    assert "section 'Output log Z' not drawn: ValueError: odd <data>" in caplog.text
