@@ -491,3 +491,55 @@ def test_ray_backend_matches_one_local_worker(ray_env, one_worker, tmp_path, mon
     assert not ray.is_initialized()  # the sweep shut down the Ray instance it started ...
     if LINUX:  # ... and every Ray process with it
         assert wait_for_exit(f"RAY_TMPDIR={ray_env['RAY_TMPDIR']}") == []
+
+
+# --- pool workers die with the driver --------------------------------------------------------------
+
+_POOL_PARENT = """
+import concurrent.futures as cf, multiprocessing as mp, os, sys, time
+from seismo.proxy.sweep import exit_with_parent
+if __name__ == "__main__":
+    kw = dict(initializer=exit_with_parent, initargs=(os.getpid(),)) if sys.argv[1] == "watch" else {}
+    pool = cf.ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn"), **kw)
+    futures = [pool.submit(time.sleep, 300) for _ in range(2)]
+    while len(pool._processes) < 2:
+        time.sleep(0.05)
+    print(*pool._processes, flush=True)
+    time.sleep(300)
+"""
+
+
+def _worker_alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not LINUX, reason="needs /proc (Linux)")
+@pytest.mark.parametrize("mode", ["watch", "control"])
+def test_pool_workers_exit_when_the_driver_is_killed(tmp_path, mode):
+    """kill -9 of the driver: with ``exit_with_parent`` its workers are gone within seconds; the
+    control (a pool without it) shows that they would otherwise keep running."""
+    script = tmp_path / "parent.py"
+    script.write_text(_POOL_PARENT)
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE, text=True, env=env)
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    try:
+        assert len(workers) == 2 and all(_worker_alive(p) for p in workers)
+        deadline = time.monotonic() + (10 if mode == "watch" else 2)
+        while any(_worker_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alive = [p for p in workers if _worker_alive(p)]
+        assert alive == ([] if mode == "watch" else workers)
+    finally:
+        for pid in workers:  # the control's orphans, by pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
