@@ -143,24 +143,20 @@ class SeismoCallback(TrainerCallback):
         try:
             a.end_step()
             self._micro_batches = 0
-            new = a.take_events()
-            log_now = control.should_log and self.trainer is not None
-            values = a.take_log_values() if log_now else {}  # flushes: that flush's events come with it
-            new += a.take_events()
-            self._unlogged += new
-            if a.check_stop(new) is not None or a.gave_up is not None:
-                control.should_training_stop = True
-            if log_now:
-                counts, text = a.events_for_log(self._unlogged)
-                logs: dict[str, Any] = {**values, **counts}
-                if text:
-                    logs["seismo/events"] = text
-                self._unlogged = []
-                if logs:
-                    self.trainer.log(logs)
-                    control.should_log = True  # Trainer.log cleared it: the Trainer's own log of this step still comes
+            self._report(a, control, log_now=control.should_log)
         except Exception as exc:  # noqa: BLE001 - a monitor failure never kills training: the callback is off, warned once
             self._warn("step", f"seismo: SeismoCallback is off after step {state.global_step}: {type(exc).__name__}: {exc}")
+            self._close("completed")
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        a = self.attached if self._active else None
+        if a is None or not control.should_log:  # logging_strategy="epoch" logs here
+            return control
+        try:
+            self._report(a, control, log_now=True)
+        except Exception as exc:  # noqa: BLE001 - a monitor failure never kills training: the callback is off, warned once
+            self._warn("step", f"seismo: SeismoCallback is off at the end of epoch {state.epoch}: {type(exc).__name__}: {exc}")
             self._close("completed")
         return control
 
@@ -170,6 +166,26 @@ class SeismoCallback(TrainerCallback):
         return control
 
     # --- internals -------------------------------------------------------------------------------
+    def _report(self, a: AttachedMonitor, control, log_now: bool) -> None:
+        """Stop on a ``stop_on`` event; at a logging step, send values and events through ``Trainer.log``."""
+        new = a.take_events()
+        log_now = log_now and self.trainer is not None
+        values = a.take_log_values() if log_now else {}  # flushes: that flush's events come with it
+        new += a.take_events()
+        self._unlogged += new
+        if a.check_stop(new) is not None or a.gave_up is not None:
+            control.should_training_stop = True
+        if not log_now:
+            return
+        counts, text = a.events_for_log(self._unlogged)
+        self._unlogged = []
+        logs: dict[str, Any] = {**values, **counts}
+        if text:
+            logs["seismo/events"] = text
+        if logs:
+            self.trainer.log(logs)
+            control.should_log = True  # Trainer.log cleared it: the Trainer's own log of this step still comes
+
     def _wrap_training_step(self, trainer: Trainer) -> None:
         original = trainer.training_step
         guard = self.attached.guard is not None

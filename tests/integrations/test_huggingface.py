@@ -128,6 +128,16 @@ def test_trainer_logging_steps_mean_and_cadence(tmp_path, llama, token_dataset):
     assert sent[-1]["seismo/loss"] == ours[20]
 
 
+def test_trainer_logging_strategy_epoch(tmp_path, llama, token_dataset):
+    """logging_strategy="epoch": seismo's values come with the Trainer's epoch logs (5 steps per epoch)."""
+    cb = SeismoCallback(alerts=False, log_signals="loss")
+    trainer = _train(llama(2), _args(tmp_path, -1, num_train_epochs=2, logging_strategy="epoch"), token_dataset(40), [cb])
+    assert sorted(_logged(trainer, "loss")) == [5, 10]
+    sent = _logged(trainer, "seismo/loss")
+    s, v = cb.monitor.series("loss")
+    assert sent == {5: v[s.index(5)], 10: v[s.index(10)]}
+
+
 def test_trainer_tensorboard_reads_back_seismo_scalars_and_events(tmp_path, llama, token_dataset):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -225,7 +235,7 @@ def test_trainer_guard_skip_leaves_a_nonfinite_step_out(tmp_path, llama, token_d
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert cb.guard.stats["skipped_steps"] == 1
     skips = [e for e in load_run(store, "guarded").events if e["kind"] == "guard_skip"]
-    assert [e["step"] for e in skips] == [bad - 1]  # the Guard counts from 0, the Trainer from 1
+    assert [e["step"] for e in skips] == [bad]  # numbered as the Trainer numbers steps
     assert trainer.optimizer.optimizer.__dict__.get("step") is None  # the optimizer's own step is back
 
 
