@@ -8,6 +8,7 @@ from seismo.diagnose.detectors import (
     Detector,
     EdgeOfStabilityDetector,
     GrowthDetector,
+    LossRegressionDetector,
     NonFiniteDetector,
     SpikeDetector,
     StallDetector,
@@ -19,7 +20,7 @@ from seismo.diagnose.playbook import PLAYBOOK, Mitigation, mitigations_for
 from seismo.events import KINDS, Event
 
 __all__ = [
-    "Event", "KINDS", "Detector", "SpikeDetector", "GrowthDetector", "ThresholdDetector", "NonFiniteDetector",
+    "Event", "KINDS", "Detector", "SpikeDetector", "GrowthDetector", "LossRegressionDetector", "ThresholdDetector", "NonFiniteDetector",
     "AdamDecorrelationDetector", "EdgeOfStabilityDetector", "StallDetector", "default_detectors",
     "Diagnoser", "Diagnosis", "AlertPrinter", "diagnose_history", "diagnose_run", "PLAYBOOK", "Mitigation", "mitigations_for",
 ]

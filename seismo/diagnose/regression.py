@@ -73,7 +73,8 @@ class LossRegressionDetector:
     S_t = max(0, S_{t-1} + u_t - drift). While training improves, the reference (a median taken
     ``lag`` observations back) lies above the loss, u is negative and S stays at 0; a single
     outlier adds at most ``clip``. An episode opens when S exceeds ``threshold`` *and* the recent
-    median stands above the reference by at least ``min_nats`` and ``min_z`` noise units. Its
+    median stands above the reference by at least ``min_nats`` and by ``min_z`` standard errors
+    of that median (noise * sqrt(pi / (2 recent))). Its
     onset is the step at which S last left zero (the CUSUM change-point estimate).
 
     One ``warning`` per episode, emitted when it opens, with ``step`` = onset and evidence: the
@@ -89,12 +90,14 @@ class LossRegressionDetector:
     kind = "loss_regression"
 
     def __init__(self, signal: str = "loss", *, recent: int = 32, ref: int = 256, lag: int = 512, noise_window: int = 256,
-                 refresh: int = 16, drift: float = 1.0, clip: float = 4.0, threshold: float = 60.0, min_nats: float = 0.05,
+                 refresh: int = 16, drift: float = 1.0, clip: float = 4.0, threshold: float = 60.0, min_nats: float = 0.06,
                  min_z: float = 3.0, recover_frac: float = 0.25, max_episode: int = 5000):
         self.signal = signal
         self.stats = RegressionStats(recent, ref, lag, noise_window, refresh)
         self.drift, self.clip, self.threshold, self.min_nats, self.min_z = drift, clip, threshold, min_nats, min_z
         self.recover_frac, self.max_episode = recover_frac, max_episode
+        # standard error of a median of ``recent`` observations, in per-step noise units (Gaussian: sqrt(pi / 2n))
+        self._level_se = math.sqrt(math.pi / (2 * recent))
         self.hist: deque[float] = deque(maxlen=self.stats.min_history)
         self.count = 0
         self.last = (math.nan, math.nan)
@@ -134,7 +137,7 @@ class LossRegressionDetector:
                 self._close(step, settled=ep["n"] >= self.max_episode)
             return []
         excess = level - ref
-        if self.cusum > self.threshold and excess > max(self.min_nats, self.min_z * noise):
+        if self.cusum > self.threshold and excess > max(self.min_nats, self.min_z * noise * self._level_se):
             onset = self.start if self.start >= 0 else step
             self.episode = dict(onset=onset, reference=ref, noise=noise, peak=excess, peak_step=step, n=0)
             ev = Event(self.kind, "warning", onset, "",

@@ -28,6 +28,7 @@ from seismo.diagnose.detectors import (
     Detector,
     EdgeOfStabilityDetector,
     GrowthDetector,
+    NonFiniteDetector,
     StallDetector,
     ThresholdDetector,
 )
@@ -71,8 +72,7 @@ def _reads(det: object) -> tuple[str, ...] | None:
 
 def replay_events(history: History, detectors: Sequence[Detector]) -> list[Event]:
     """Run fresh ``detectors`` over ``history``; the events in streaming emission order (without advice)."""
-    steps_all = sorted({int(s) for steps, _ in history.values() for s in np.asarray(steps).tolist()})
-    index = {s: i for i, s in enumerate(steps_all)}
+    steps_all = np.unique(np.concatenate([np.asarray(steps, dtype=np.int64) for steps, _ in history.values()] or [np.zeros(0, np.int64)]))
     names = list(history)
     records: list[tuple[int, dict[str, float]]] | None = None
     emitted: _Emitted = []
@@ -86,6 +86,8 @@ def replay_events(history: History, detectors: Sequence[Detector]) -> list[Event
         elif isinstance(det, SpikeDetector) and not det.log and not det.module_prefix and len(det.window) == 0 and det.episode is None:
             steps, x = _series(history, det.signal)
             out = list(_replay_spike(det, steps, x))
+        elif isinstance(det, NonFiniteDetector) and not det.active:
+            out = _replay_nonfinite(det, history, steps_all)
         elif isinstance(det, StallDetector) and not any(n in ("update/norm", "param/norm") for n in names):
             continue  # the stall rule needs the update size: without it the detector never fires
         else:
@@ -96,7 +98,7 @@ def replay_events(history: History, detectors: Sequence[Detector]) -> list[Event
                 if reads is None or any(k.startswith(p) for k in values for p in reads):
                     out.extend((step, e) for e in det.update(step, values))
         for order, (emit_step, e) in enumerate(out):
-            emitted.append((index.get(emit_step, 0), d_idx, order, e))
+            emitted.append((int(np.searchsorted(steps_all, emit_step)), d_idx, order, e))
     emitted.sort(key=lambda t: t[:3])
     return [e for *_, e in emitted]
 
@@ -112,16 +114,52 @@ def _series(history: History, name: str) -> tuple[np.ndarray, np.ndarray]:
     return s[ok], v[ok]
 
 
+def _replay_nonfinite(det: NonFiniteDetector, history: History, steps_all: np.ndarray) -> list[tuple[int, Event]]:
+    """Non-finite episodes from aligned arrays; the detector itself words the event at each onset."""
+    bad = np.zeros(len(steps_all), dtype=bool)
+    for name in ("loss", "grad/nonfinite", "grad/norm"):
+        if name in history:
+            s, v = np.asarray(history[name][0], dtype=np.int64), np.asarray(history[name][1], dtype=np.float64)
+            bad[np.searchsorted(steps_all, s)] |= ~np.isfinite(v) | ((v > 0) if name == "grad/nonfinite" else False)
+    onsets = np.flatnonzero(bad & ~np.r_[False, bad[:-1]])
+    out: list[tuple[int, Event]] = []
+    for i in onsets.tolist():
+        step = int(steps_all[i])
+        values = {}
+        for name, (s, v) in history.items():
+            if name in ("loss", "grad/nonfinite", "grad/norm") or name.startswith("grad/norm/"):
+                s = np.asarray(s)
+                j = np.flatnonzero(s == step)
+                if len(j):
+                    values[name] = float(np.asarray(v, dtype=np.float64)[j[-1]])
+        det.active = False
+        out.extend((step, e) for e in det.update(step, values))
+    det.active = bool(bad[-1]) if len(bad) else False
+    return out
+
+
 def _replay_regression(det: LossRegressionDetector, steps: np.ndarray, x: np.ndarray) -> list[tuple[int, Event]]:
     level, ref, noise = det.stats.batch(x)
     out: list[tuple[int, Event]] = []
     t0 = det.stats.min_history - 1
-    decide = det.decide
-    for _t, (s, xv, lv, rv, nv) in enumerate(zip(steps[t0:].tolist(), x[t0:].tolist(), level[t0:].tolist(),
-                                                 ref[t0:].tolist(), noise[t0:].tolist()), start=t0):
-        evs = decide(s, xv, lv, rv, nv)
-        if evs:
-            out.extend((s, e) for e in evs)
+    n = len(x)
+    if n > t0:
+        # While idle (CUSUM at 0, no episode) a step whose u - drift <= 0 changes nothing: jump over them.
+        u = np.clip((x - ref) / noise, -det.clip, det.clip)
+        moves = np.flatnonzero(u - det.drift > 0.0)
+        step_list, x_list, lv, rv, nv = steps.tolist(), x.tolist(), level.tolist(), ref.tolist(), noise.tolist()
+        decide = det.decide
+        t = t0
+        while t < n:
+            if det.cusum == 0.0 and det.episode is None:
+                k = int(np.searchsorted(moves, t))
+                if k == len(moves):
+                    break
+                t = int(moves[k])
+            evs = decide(step_list[t], x_list[t], lv[t], rv[t], nv[t])
+            if evs:
+                out.extend((step_list[t], e) for e in evs)
+            t += 1
     det.hist = deque(x[-det.stats.min_history:].tolist(), maxlen=det.stats.min_history)
     det.count = len(x)
     if len(x) > t0:

@@ -129,9 +129,13 @@ def median_rows(a: np.ndarray) -> np.ndarray:
     return (p[:, n // 2 - 1] + p[:, n // 2]) / 2
 
 
-def diff_noise_rows(a: np.ndarray) -> np.ndarray:
+def diff_noise_rows(a: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """Per row: MAD_TO_SIGMA * MAD(first differences) / sqrt(2), the robust per-step noise of a
-    series whose slow trend the differencing removes (as :meth:`RobustWindow.level_and_noise`)."""
-    d = np.diff(a, axis=1)
-    dev = np.abs(d - median_rows(d)[:, None])
-    return MAD_TO_SIGMA * median_rows(dev) / math.sqrt(2.0)
+    series whose slow trend the differencing removes (as :meth:`RobustWindow.level_and_noise`).
+    Rows are processed ``chunk`` at a time (cache-sized temporaries)."""
+    out = np.empty(a.shape[0])
+    for lo in range(0, a.shape[0], chunk):
+        d = np.diff(a[lo: lo + chunk], axis=1)
+        dev = np.abs(d - median_rows(d)[:, None])
+        out[lo: lo + chunk] = MAD_TO_SIGMA * median_rows(dev) / math.sqrt(2.0)
+    return out
