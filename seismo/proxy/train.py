@@ -45,7 +45,7 @@ from seismo.store import RunStore
 
 __all__ = [
     "OptimConfig", "SeqlenWarmupConfig", "TrainConfig", "RunResult", "Terminated", "train", "save_checkpoint", "load_checkpoint",
-    "error_summary", "sigterm_interrupts",
+    "error_summary", "sigterm_interrupts", "refuse_finished_run",
 ]
 
 DECAYS = ("cosine", "linear", "constant")
@@ -332,7 +332,7 @@ def train(
     run_dir = Path(cfg.out_dir) if cfg.out_dir else None
     ckpt_path = run_dir / "checkpoint.pt" if run_dir else None
     if resume and run_dir is not None:
-        _refuse_finished_run(run_dir)
+        refuse_finished_run(run_dir)
     ds = load_dataset(cfg.data)
     if cfg.model.vocab_size != ds.vocab_size:
         cfg.model.vocab_size = ds.vocab_size  # the data decides the vocabulary
@@ -521,9 +521,10 @@ def _final_validation(model, ds, cfg, seq_len, val_losses, monitor, steps_done: 
         monitor.log({"val/loss": v}, step=steps_done - 1)
 
 
-def _refuse_finished_run(run_dir: Path) -> None:
-    """A resume of a run whose ``result.json`` says it finished would redo nothing and overwrite
-    its result with an empty one: refuse it and leave the files alone."""
+def refuse_finished_run(run_dir: Path) -> None:
+    """Raise :class:`ConfigError` if ``run_dir/result.json`` says the run finished (``completed`` or
+    ``diverged``): resuming it would redo nothing and overwrite its result. ``train(resume=True)``
+    calls it first; a CLI may call it before it draws anything."""
     path = run_dir / "result.json"
     try:
         status = json.loads(path.read_text()).get("status")
