@@ -211,3 +211,20 @@ def test_a_figure_that_fails_costs_its_section_only(store_path, tmp_path, monkey
     assert "could not be drawn: ValueError: odd <data>" in page.section_text("logz")
     assert page.tags("data") == [] and page.tags("svg", "adam")  # escaped; the other sections are drawn
     assert "section 'Output log Z' not drawn: ValueError: odd <data>" in caplog.text
+
+
+def test_adam_and_sharpness_panels_hold_the_stored_values(store_path):
+    run_id = write_run(store_path, "r", signals())
+    data = load_run(store_path, run_id)
+    fig = rf.adam_figure([("r", data)])
+    cos_ax, std_ax, eps_ax = fig.axes
+    np.testing.assert_allclose(cos_ax.lines[0].get_ydata(), np.linspace(0.5, 0.1, 6))
+    # max over modules by hand: h.0 is 0.2 throughout, h.1 rises from 0.2 to 0.9
+    np.testing.assert_allclose(std_ax.lines[0].get_ydata(), np.maximum(0.2, np.linspace(0.2, 0.9, 6)))
+    np.testing.assert_allclose(eps_ax.lines[0].get_ydata(), np.full(6, 0.01))
+    fig = rf.sharpness_figure([("r", data)])
+    (ax,) = fig.axes
+    eig, threshold = ax.lines
+    np.testing.assert_allclose(eig.get_ydata(), [10.0, 200.0, 400.0])
+    assert threshold.get_linestyle() == "--" and list(threshold.get_ydata()) == [380.0] * 3
+    assert ax.get_yscale() == "log"
