@@ -42,6 +42,7 @@ from seismo.events import Event
 from seismo.integrations._attached import AttachedMonitor, CallbackOptions, grad_norm, jsonable
 from seismo.mitigate.guard import GuardConfig
 from seismo.monitor import MonitorConfig
+from seismo.store import StoreError
 
 __all__ = ["SeismoCallback"]
 
@@ -126,8 +127,8 @@ class SeismoCallback(TrainerCallback):
                 model, optimizer, self.options, start_step=state.global_step + 1, run_name=_run_name(args),
                 run_config=_training_args(args), meta=_meta(model),
             )
-        except ConfigError:
-            raise  # the user's input (a store path, say): before any step, one clear line
+        except (ConfigError, StoreError):
+            raise  # the user's input (a store that is not one, say): before the first step, one clear line
         except Exception as exc:  # noqa: BLE001 - a monitor failure never kills training: the callback is off, warned once
             self._warn("attach", f"seismo: SeismoCallback is off: building the Monitor raised {type(exc).__name__}: {exc}")
             return control

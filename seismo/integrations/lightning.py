@@ -34,6 +34,7 @@ from seismo.events import Event
 from seismo.integrations._attached import AttachedMonitor, CallbackOptions, grad_norm, jsonable
 from seismo.mitigate.guard import GuardConfig
 from seismo.monitor import MonitorConfig
+from seismo.store import StoreError
 
 __all__ = ["SeismoCallback"]
 
@@ -102,8 +103,8 @@ class SeismoCallback(Callback):
                 pl_module, trainer.optimizers[0], self.options, start_step=trainer.global_step, run_name=_run_name(trainer),
                 run_config=_hparams(pl_module), meta=_meta(pl_module, trainer),
             )
-        except ConfigError:
-            raise  # the user's input (a store path, say): before any step, one clear line
+        except (ConfigError, StoreError):
+            raise  # the user's input (a store that is not one, say): before the first step, one clear line
         except Exception as exc:  # noqa: BLE001 - a monitor failure never kills training: the callback is off, warned once
             self._warn("attach", f"seismo: SeismoCallback is off: building the Monitor raised {type(exc).__name__}: {exc}")
             return

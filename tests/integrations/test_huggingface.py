@@ -264,6 +264,18 @@ def test_trainer_callback_failure_does_not_stop_training(tmp_path, llama, token_
     assert "training_step" not in trainer.__dict__  # unwrapped when switched off
 
 
+def test_trainer_store_that_is_not_one_fails_before_the_first_step(tmp_path, llama, token_dataset):
+    from seismo.store import StoreError
+
+    bad = tmp_path / "notes.sqlite"
+    bad.write_text("not a database")
+    trainer = Trainer(model=llama(6), args=_args(tmp_path, 3), train_dataset=token_dataset(24),
+                      callbacks=[SeismoCallback(store=bad, alerts=False)])
+    with pytest.raises(StoreError, match="not a database"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 @pytest.mark.parametrize(("kw", "match"), [
     ({"stop_on": "nonsense"}, "stop_on: unknown event kind"),
     ({"stop_on": 3}, "stop_on: expected an event kind"),
