@@ -47,7 +47,7 @@ gamma2 0.99999)
     * Kept: the AdaClip / AdaGN bias corrections use the global step (``1 - theta**total_step``); the
       official code uses the per-parameter step that restarts at each reset (which inflates the
       clip threshold ~500x right after a reset with theta = 0.999). Both are identical before the
-      first reset; they differ afterwards (~2e-3 at lr 1e-3 in a toy run, METHODS.md section 4).
+      first reset; they differ afterwards (by ~2e-3 at lr 1e-3 in a toy run).
     * Kept: a parameter whose gradient is exactly 0 gets no Adam update that step (decay still applies).
 
 AdaBelief: ``eps=1e-16`` and decoupled decay (the official package's defaults) and
@@ -246,7 +246,7 @@ def reset_moments(optimizer: torch.optim.Optimizer, keys: Iterable[str] = MOMENT
     AMSGrad maxima) is zeroed; step counters and every other entry are kept. Returns the number of
     tensors zeroed. As in SPAM's momentum reset, the step counter is not reset, so Adam's bias
     correction is ~1 and its first update after a reset is ``(1 - beta1) / sqrt(1 - beta2)`` = 3.16
-    times lr per coordinate for betas (0.9, 0.999) (METHODS.md section 3): pair it with a short LR
+    times lr per coordinate for betas (0.9, 0.999) (SPAM, Huang et al. 2025, arXiv 2501.06842): pair it with a short LR
     warm-up, as SPAM does. Works on any optimizer with a ``state`` mapping (wrappers included).
     """
     keys = frozenset(keys)

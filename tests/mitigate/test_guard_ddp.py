@@ -9,8 +9,8 @@ unchanged) and stay bitwise identical. Checked for every skip mode.
 from __future__ import annotations
 
 import copy
+import datetime
 import os
-import socket
 import warnings
 
 import pytest
@@ -26,12 +26,6 @@ WORLD = 2
 STEPS = 30
 SPIKE = 20
 MODES = ("sync", "mask", "fused")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def full_batch(step: int):
@@ -50,12 +44,13 @@ def _same(a, b) -> bool:
         torch.equal(sa[k][n], sb[k][n]) for k in sa for n in sa[k])
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", GuardWarning)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a file store private to this test, not a TCP port: a port picked by one test can be taken by
+    # another test starting at the same moment (other DDP tests run concurrently on a shared machine)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=300))
     try:
         results = {}
         for mode in MODES:
@@ -89,7 +84,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_all_ranks_skip_together_and_stay_identical(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
     for mode in MODES:
         a, b = r0[mode], r1[mode]

@@ -131,6 +131,9 @@ class Guard:
         self._opt_state = getattr(self.optimizer, "optim", self.optimizer) if _is_zero(self.optimizer) else self.optimizer
 
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
+        if self.ckpt_dir is not None and self._opt_state is not self.optimizer and self.world_size > 1:
+            raise ConfigError("ckpt_dir: snapshots of a ZeroRedundancyOptimizer on several ranks would hold only rank 0's "
+                              "shard; use ckpt_dir=None (each rank keeps its shard in the in-memory ring)")
         self._disk = self.ckpt_dir is not None and self.rank == 0  # False after a write failed: memory only
         self._writer: snapshots.SnapshotWriter | None = None
         if self._disk:
