@@ -7,6 +7,7 @@ Commands (one module each in this package):
 * ``seismo sweep``     an lr x size x intervention grid with LR sensitivity and scaling predictions (resumable)
 * ``seismo runs``      list the runs in a run store
 * ``seismo diagnose``  explain what went wrong in a stored run and what to change
+* ``seismo import``    bring a run recorded elsewhere (CSV, JSONL, TensorBoard, W&B export) into the store
 * ``seismo presets``   list the training presets
 * ``seismo report``    a self-contained HTML report of runs (overlaid) or of a sweep
 * ``seismo watch``     a live, read-only terminal view of a run another process is writing
@@ -29,6 +30,7 @@ from typing import Sequence
 from seismo.cli._common import CLIError, Subcommand
 from seismo.cli.demo import Demo
 from seismo.cli.diagnose import Diagnose
+from seismo.cli.import_cmd import Import
 from seismo.cli.presets import Presets
 from seismo.cli.report_cmd import Report
 from seismo.cli.runs import Runs
@@ -40,7 +42,7 @@ from seismo.store import StoreError
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "Subcommand", "CLIError"]
 
-SUBCOMMANDS: tuple[type[Subcommand], ...] = (Demo, Train, Sweep, Runs, Diagnose, Presets, Report, Watch)
+SUBCOMMANDS: tuple[type[Subcommand], ...] = (Demo, Train, Sweep, Runs, Diagnose, Import, Presets, Report, Watch)
 
 _INPUT_ERRORS = (ConfigError, StoreError, CLIError)
 

@@ -12,7 +12,7 @@ from seismo.importers.tabular import Columns, read_csv, read_json_records
 from seismo.importers.tensorboard import read_tensorboard
 from seismo.store import COMPLETED, RunStore
 
-__all__ = ["FORMATS", "ImportedRun", "read_run", "import_run", "parse_mapping"]
+__all__ = ["FORMATS", "ImportedRun", "read_run", "store_run", "import_run", "parse_mapping"]
 
 FORMATS = ("csv", "jsonl", "tensorboard", "wandb")
 
@@ -91,8 +91,12 @@ def import_run(path: str | os.PathLike, format: str | None = None, mapping: Mapp
                run_name: str | None = None, store: str | os.PathLike = "runs/seismo.sqlite") -> int:
     """Read ``path`` (see :func:`read_run`) and write it to the run store ``store`` as a completed run,
     all rows in one transaction. Returns the new run id."""
-    run = read_run(path, format, mapping)
-    name = run_name or Path(path).name.split(".")[0]
+    return store_run(read_run(path, format, mapping), run_name, store)
+
+
+def store_run(run: ImportedRun, run_name: str | None = None, store: str | os.PathLike = "runs/seismo.sqlite") -> int:
+    """Write a run read by :func:`read_run` to ``store`` in one transaction; returns its run id."""
+    name = run_name or Path(run.path).name.split(".")[0]
     rows = [(s, k, v) for k, (steps, vals) in run.metrics.items() for s, v in zip(steps, vals)]
     Path(store).parent.mkdir(parents=True, exist_ok=True)
     with RunStore(store) as rs:
