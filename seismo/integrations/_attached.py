@@ -165,8 +165,12 @@ class AttachedMonitor:
         self.guard: _Guard | None = None
         self.guarded_step: GuardedStep | None = None
         if options.guard == "skip":
-            gcfg = dataclasses.replace(options.guard_config or GuardConfig(policy="skip"), zero_grad=False)
-            self.guard = _Guard(model, optimizer, gcfg, monitor=self.monitor)
+            try:
+                gcfg = dataclasses.replace(options.guard_config or GuardConfig(policy="skip"), zero_grad=False)
+                self.guard = _Guard(model, optimizer, gcfg, monitor=self.monitor)
+            except BaseException:
+                self.monitor.close("failed")  # the run store's writer is not left running
+                raise
             # number the Guard's steps (and events) as the Monitor's: the framework's numbering
             self.guard.load_state_dict({"step": start_step, "skipped_ranges": [], "rollbacks": [], "lr_factor": 1.0})
             self.guarded_step = GuardedStep(self.guard, self.monitor.optimizer, self.step_loss, self.take_grad_norm)
