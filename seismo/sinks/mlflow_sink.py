@@ -60,7 +60,9 @@ class MLflow(BackendSink):
 
     Example::
 
-        sink = seismo.sinks.MLflow(experiment="seismo", run_name="exp1", tracking_uri="sqlite:///mlflow.db")
+        from seismo.sinks import MLflow
+
+        sink = MLflow(experiment="seismo", run_name="exp1", tracking_uri="sqlite:///mlflow.db")
         monitor = seismo.Monitor(model, optimizer, sinks=[sink])
     """
 

@@ -36,7 +36,9 @@ class TensorBoard(BackendSink):
 
     Example::
 
-        monitor = seismo.Monitor(model, optimizer, sinks=[seismo.sinks.TensorBoard("runs/tb/exp1")])
+        from seismo.sinks import TensorBoard
+
+        monitor = seismo.Monitor(model, optimizer, sinks=[TensorBoard("runs/tb/exp1")])
     """
 
     def __init__(self, log_dir: str | os.PathLike, *, prefix: str = "", flush_secs: float = 30.0, max_queue: int = 1000) -> None:

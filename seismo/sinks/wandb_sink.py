@@ -42,7 +42,9 @@ class WandB(BackendSink):
 
     Example::
 
-        sink = seismo.sinks.WandB(project="my-project", name="exp1")
+        from seismo.sinks import WandB
+
+        sink = WandB(project="my-project", name="exp1")
         monitor = seismo.Monitor(model, optimizer, sinks=[sink])
     """
 
