@@ -194,12 +194,17 @@ class SeismoCallback(TrainerCallback):
         def training_step(*args: Any, **kwargs: Any) -> torch.Tensor:
             loss = original(*args, **kwargs)
             a = self.attached
-            if a is not None and self._active:
+            if a is None or not self._active:
+                return loss
+            try:
                 a.add_loss(loss)
                 self._micro_batches += 1
                 last = getattr(trainer, "current_gradient_accumulation_steps", trainer.args.gradient_accumulation_steps)
                 if guard and self._micro_batches >= last:
-                    a.grad_norm = grad_norm(a.monitor.optimizer)  # before the Trainer clips
+                    a.grad_norm = grad_norm(a.monitor.optimizer)  # after the last backward pass, before the Trainer clips
+            except Exception as exc:  # noqa: BLE001 - a monitor failure never kills training: the callback is off, warned once
+                self._warn("step", f"seismo: SeismoCallback is off: reading the loss raised {type(exc).__name__}: {exc}")
+                self._close("completed")
             return loss
 
         trainer.training_step = training_step

@@ -112,13 +112,24 @@ class SeismoCallback(Callback):
         self._last_global_step = trainer.global_step
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        if self._active:
+        if not self._active:
+            return
+        try:
             self.attached.add_loss(loss)
+        except Exception as exc:  # noqa: BLE001 - a monitor failure never kills training: the callback is off, warned once
+            self._warn("step", f"seismo: SeismoCallback is off: reading the loss raised {type(exc).__name__}: {exc}")
+            self._close("completed")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         a = self.attached
-        if self._active and a.guard is not None and unwrap_optimizer(optimizer) is a.monitor.optimizer:
-            a.grad_norm = grad_norm(a.monitor.optimizer)  # before Lightning clips
+        if not self._active or a.guard is None:
+            return
+        try:
+            if unwrap_optimizer(optimizer) is a.monitor.optimizer:
+                a.grad_norm = grad_norm(a.monitor.optimizer)  # before Lightning clips
+        except Exception as exc:  # noqa: BLE001 - a monitor failure never kills training: the callback is off, warned once
+            self._warn("step", f"seismo: SeismoCallback is off: the gradient norm raised {type(exc).__name__}: {exc}")
+            self._close("completed")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         a = self.attached if self._active else None

@@ -219,6 +219,23 @@ def test_lightning_without_guard_the_same_step_ruins_the_weights(tmp_path, llama
     assert not all(torch.isfinite(p).all() for p in module.parameters())
 
 
+def test_lightning_callback_failure_does_not_stop_training(tmp_path, llama, token_data, monkeypatch):
+    from seismo.integrations._attached import AttachedMonitor
+
+    def broken(self, loss):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(AttachedMonitor, "add_loss", broken)
+    steps = 4
+    cb = SeismoCallback(alerts=False)
+    trainer = pl.Trainer(max_steps=steps, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    with pytest.warns(RuntimeWarning, match="SeismoCallback is off: reading the loss raised RuntimeError: boom") as rec:
+        trainer.fit(LlamaModule(llama(6)), torch.utils.data.DataLoader(token_data(8 * steps), batch_size=8))
+    assert trainer.global_step == steps
+    assert sum("SeismoCallback is off" in str(w.message) for w in rec) == 1
+
+
 def test_lightning_callback_bad_options_fail_at_construction():
     with pytest.raises(ConfigError, match="stop_on: unknown event kind"):
         SeismoCallback(stop_on=["nonfinite", "oops"])
