@@ -17,6 +17,7 @@ from seismo.diagnose.engine import summarize
 from seismo.errors import ConfigError
 from seismo.proxy.presets import demo_stable, demo_unstable
 from seismo.proxy.run_dirs import RunDirLock, run_dir_name
+from seismo.report import write_report
 from seismo.report.plots import plot_runs
 
 __all__ = ["Demo"]
@@ -81,6 +82,10 @@ class Demo(Subcommand):
         except ImportError as exc:  # matplotlib is the optional extra seismo[plot]
             png = f"skipped ({esc(exc)})"
         (_, ru), (_, rs) = results
+        try:
+            report = esc(write_report(ru.store, [ru.run_id, rs.run_id], out / f"demo-{stamp}.html"))
+        except ImportError as exc:  # matplotlib is the optional extra seismo[plot]
+            report = f"skipped ({esc(exc)})"
         ratio = ru.max_attn_logit / rs.max_attn_logit if rs.max_attn_logit and math.isfinite(rs.max_attn_logit) else math.nan
         con.print(
             f"\nWithout qk-layernorm the attention logits grew to {fmt(ru.max_attn_logit, 1)} "
@@ -100,6 +105,7 @@ class Demo(Subcommand):
             "Outputs:\n"
             f"  runs:      {esc(ru.run_dir)}\n             {esc(rs.run_dir)}\n"
             f"  plot:      {png}\n"
+            f"  report:    {report}\n"
             f"  run store: {esc(ru.store)}\n"
             f"Next: [bold]seismo runs --store {esc(ru.store)}[/bold]\n"
             f"      [bold]seismo diagnose {ru.run_id} --store {esc(ru.store)}[/bold]"
