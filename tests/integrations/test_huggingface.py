@@ -276,6 +276,29 @@ def test_trainer_store_that_is_not_one_fails_before_the_first_step(tmp_path, lla
     assert trainer.state.global_step == 0
 
 
+def test_callback_driven_by_a_loop_of_its_own_records_without_the_loss(tmp_path, llama):
+    """No Trainer on the call stack: one warning, every signal but the loss, nothing logged."""
+    from transformers import TrainerControl, TrainerState
+
+    model = llama(7)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cb = SeismoCallback(alerts=False, flush_every=1)
+    args, state, control = _args(tmp_path, 2), TrainerState(), TrainerControl()
+    with pytest.warns(RuntimeWarning, match="cannot find the transformers.Trainer"):
+        cb.on_train_begin(args, state, control, model=model, optimizer=opt)
+    x = torch.randint(0, 256, (2, 16))
+    for _ in range(2):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        state.global_step += 1
+        control.should_log = True
+        cb.on_step_end(args, state, control)
+    cb.on_train_end(args, state, control)
+    assert "loss" not in cb.monitor.history
+    assert cb.monitor.series(f"attn/logit_max/{ATTN[0]}")[0] == [1, 2]
+
+
 @pytest.mark.parametrize(("kw", "match"), [
     ({"stop_on": "nonsense"}, "stop_on: unknown event kind"),
     ({"stop_on": 3}, "stop_on: expected an event kind"),
