@@ -98,6 +98,8 @@ def test_sinks_must_be_event_sinks():
     with pytest.raises(ConfigError, match=r"sinks\[0\]: expected an event sink with write_events\(events\), got "
                                           r"builtins.function"):
         Guard(model, opt, sinks=[lambda events: None])
+    with pytest.raises(ConfigError, match=r"sinks: expected a list of event sinks, got ListSink"):
+        Guard(model, opt, sinks=ListSink())
 
 
 # --- wrapped models and optimizers -------------------------------------------------------

@@ -74,6 +74,8 @@ class EventFanout:
 
     def __init__(self, *, rank: int, sinks: Sequence[EventSink] = (), monitor: Any = None, store: Any = None,
                  run_id: int | None = None, on_event: Callable[[list[Event]], None] | None = None):
+        if hasattr(sinks, "write_events") or not isinstance(sinks, (list, tuple)):
+            raise ConfigError(f"sinks: expected a list of event sinks, got {type(sinks).__name__}")
         for i, s in enumerate(sinks):
             if not callable(getattr(s, "write_events", None)):
                 raise ConfigError(f"sinks[{i}]: expected an event sink with write_events(events), got "
