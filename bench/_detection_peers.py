@@ -1,4 +1,4 @@
-"""The spike rules systems use today, re-implemented from /work/shared/docs/PEERS.md as baselines.
+"""The spike rules systems use today, re-implemented from their projects' rules as baselines.
 
 Each rule is a streaming object: ``update(value) -> bool`` says whether it raises an alarm at this
 step (what its system would act on: skip the step, log, or raise). Written from the rule as
@@ -22,9 +22,10 @@ class OlmoSpikeRule:
     values have been seen (counting the current one).
 
     Its flaw is kept on purpose: every value, spikes included, is appended to the history, so a
-    spike inflates the std for the next ``window`` steps. PEERS.md states the rule one-sided
-    (``loss - mean > 6 std``), which is what is implemented; the std is the sample std (n - 1).
-    The same rule is applied to the loss and, for grad-norm series, to the pre-clip grad norm.
+    spike inflates the std for the next ``window`` steps. The source compares ``|z|`` (two-sided:
+    a sudden *drop* is skipped too), which is what is implemented; the std is the sample std
+    (n - 1). The same rule is applied to the loss and, for grad-norm series, to the pre-clip grad
+    norm. It only skips the step: the right response to an isolated outlier.
     """
 
     name = "olmo_core"
@@ -41,7 +42,7 @@ class OlmoSpikeRule:
         mean, std = prev.mean(), prev.std(ddof=1)
         if not math.isfinite(x):
             return True
-        return bool(x - mean > self.sigma * std)
+        return bool(abs(x - mean) > self.sigma * std)
 
 
 class FoundryKillLossSpike:
@@ -51,7 +52,8 @@ class FoundryKillLossSpike:
     alarm is raised at the 5th consecutive outlier and on every further one. The window is
     ``max(100, 5% of training)`` values and the rule is active once the window is full; every
     loss (outliers included) enters the window. The "high loss" divergence check (half the window
-    above a cap) is a different event and is not scored here.
+    above a cap) is a different event and is not scored here. A kill switch by design: it stops
+    a run whose loss has at least doubled for five steps, not a detector of mild instabilities.
     """
 
     name = "llm_foundry"
@@ -83,6 +85,7 @@ class LightningSpikeDetection:
     ``|loss - mean| >= rtol * |mean|`` with rtol 2.0, so for a positive loss it fires when the loss
     is at least 3x the running mean. Spikes do not enter the mean (Lightning raises on a spike; here
     the run goes on and every such step is an alarm). Warm-up: the first value is never a spike.
+    A kill switch by design (it raises to stop training), for catastrophic spikes only.
     """
 
     name = "lightning"
