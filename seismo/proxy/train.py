@@ -71,6 +71,9 @@ class OptimConfig:
     # SPAM's spike threshold theta (clip where g^2 > theta * v). The paper's 5000 assumes beta2 = 0.999:
     # one clipped step multiplies v by about beta2 + (1 - beta2) * theta (6x there, 251x at beta2 0.95).
     spam_threshold: float = 5000.0
+    # SPAM / Stable-SPAM momentum reset interval Delta T; 0 = the papers' (500 / 1000). SPAM's post-reset
+    # warm-up N scales with it (the paper's N / Delta T = 150 / 500), so short runs can scale both down.
+    spam_reset_interval: int = 0
 
     def validate(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -90,6 +93,8 @@ class OptimConfig:
             raise ConfigError(f"optim.grad_clip: must be >= 0 (0 = off), got {self.grad_clip}")
         if not self.spam_threshold >= 0:
             raise ConfigError(f"optim.spam_threshold: must be >= 0 (0 = no spike clipping), got {self.spam_threshold}")
+        if not isinstance(self.spam_reset_interval, int) or isinstance(self.spam_reset_interval, bool) or self.spam_reset_interval < 0:
+            raise ConfigError(f"optim.spam_reset_interval: must be an integer >= 0 (0 = the papers'), got {self.spam_reset_interval!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
         if self.decay not in DECAYS:
@@ -297,9 +302,12 @@ def build_optimizer(model: TinyGPT, cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.name in ("spam", "stable_spam"):
         from seismo.mitigate import optimizers
 
+        reset = cfg.spam_reset_interval
         if cfg.name == "spam":
-            return optimizers.spam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, threshold=cfg.spam_threshold)
-        return optimizers.stable_spam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+            gap = dict(update_proj_gap=reset, warmup_epoch=max(1, round(150 * reset / 500))) if reset else {}
+            return optimizers.spam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, threshold=cfg.spam_threshold, **gap)
+        return optimizers.stable_spam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                      **(dict(update_proj_gap=reset) if reset else {}))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
