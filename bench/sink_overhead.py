@@ -23,6 +23,8 @@ from other processes hits all copies alike. Every step is timed; the Monitor han
   (F = ``--flush-every``): medians shrug off load bursts, the weights make the flush steps, where
   a sink's cost lands, count at their true rate. The plain ratio of means is printed as well;
   under load it drifts by several percent either way (compare the A/A control);
+* **cpu**: the same with the CPU time of the training thread (``time.thread_time``; with
+  ``--threads 1`` torch's work runs on it): time slices taken by other processes do not count;
 * **direct**: (mean ``monitor`` step + the sink's own time per step) / mean ``monitor`` step:
   the sink's cost alone, much less sensitive to load; it misses work done off the training
   thread (W&B's service process, TensorBoard's writer thread);
@@ -138,13 +140,14 @@ class Loop:
                                       sinks=[self.sink] if self.sink is not None else [])
         self.data = data
         self.i = 0
-        self.steps: list[float] = []
+        self.steps: list[float] = []  # wall seconds per timed step
+        self.cpu: list[float] = []  # CPU seconds of the training thread per timed step
 
     def run(self, n: int, record: bool = True) -> None:
         for _ in range(n):
             batch = self.data[self.i % len(self.data)]
             self.i += 1
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             _, loss = self.model(batch[:, :-1], batch[:, 1:])
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -152,6 +155,7 @@ class Loop:
             self.monitor.step(loss)
             if record:
                 self.steps.append(time.perf_counter() - t0)
+                self.cpu.append(time.thread_time() - c0)
 
 
 def main() -> None:
@@ -200,20 +204,23 @@ def main() -> None:
     F = args.flush_every
     offset = args.warmup  # recorded step i is the Monitor's step warmup + i; it flushes after steps F-1, 2F-1, ...
 
-    def amort(lp):
-        return amortized_shifted(lp.steps, F, offset)
+    def amort(lp, cpu=False):
+        return amortized_shifted(lp.cpu if cpu else lp.steps, F, offset)
 
-    base, base_mean = amort(loops[0]), statistics.mean(loops[0].steps)
+    base, base_mean, base_cpu = amort(loops[0]), statistics.mean(loops[0].steps), amort(loops[0], cpu=True)
     print(f"\nmonitor (no sink): amortized {1e3 * base:.1f} ms/step, mean {1e3 * base_mean:.1f}, "
           f"median {1e3 * statistics.median(loops[0].steps):.1f} over {len(loops[0].steps)} steps")
-    print(f"{'copy':<12} {'ratio (wall)':>12} {'(means)':>8} {'direct':>8} {'ms/flush (median)':>18} {'ms/flush (max)':>15} {'flushes':>8}")
+    print(f"{'copy':<12} {'ratio (wall)':>12} {'(means)':>8} {'cpu':>8} {'direct':>8} {'ms/flush (median)':>18} {'ms/flush (max)':>15} "
+          f"{'flushes':>8}")
     lp = loops[1]
-    print(f"{'monitor-2':<12} {amort(lp) / base:11.3f}x {statistics.mean(lp.steps) / base_mean:7.3f}x {'':>8} {'(A/A control)':>18}")
+    print(f"{'monitor-2':<12} {amort(lp) / base:11.3f}x {statistics.mean(lp.steps) / base_mean:7.3f}x "
+          f"{amort(lp, cpu=True) / base_cpu:7.3f}x {'':>8} {'(A/A control)':>18}")
     for lp in loops[2:]:
         s = lp.sink
         per_step = s.total_wall / max(1, len(lp.steps) + args.warmup)
         flushes = [dt for dt, n in s.flushes if n == F] or [dt for dt, _ in s.flushes]  # full flushes
-        print(f"{lp.name:<12} {amort(lp) / base:11.3f}x {statistics.mean(lp.steps) / base_mean:7.3f}x {(base + per_step) / base:7.3f}x "
+        print(f"{lp.name:<12} {amort(lp) / base:11.3f}x {statistics.mean(lp.steps) / base_mean:7.3f}x "
+              f"{amort(lp, cpu=True) / base_cpu:7.3f}x {(base + per_step) / base:7.3f}x "
               f"{1e3 * statistics.median(flushes):18.1f} {1e3 * max(flushes):15.1f} {len(flushes):8d}"
               + (f"  (off: {s.sink.disabled})" if getattr(s.sink, "disabled", None) else ""))
     if wandb_cpu is not None and any(lp.name == "wandb" for lp in loops):
