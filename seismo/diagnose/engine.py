@@ -9,10 +9,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from rich.markup import escape
 
+from seismo.diagnose.attribution import attribute_shared_spikes
 from seismo.diagnose.detectors import Detector, default_detectors
 from seismo.diagnose.playbook import CAUSES, PRIORITY, mitigations_for
 from seismo.diagnose.replay import History, records_of, replay_events
 from seismo.events import Event
+from seismo.store import load_run
 
 __all__ = ["Diagnoser", "Diagnosis", "diagnose_history", "diagnose_run", "AlertPrinter"]
 
@@ -142,12 +144,14 @@ class Diagnosis:
     modules: dict[str, int]
     recommendations: list[dict[str, str]]
     signals_seen: list[str] = field(default_factory=list)
+    shared_spikes: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "run": self.run, "cause_kind": self.cause_kind, "cause": self.cause, "first_step": self.first_step,
             "modules": self.modules, "recommendations": self.recommendations,
             "events": [e.to_dict() for e in self.events], "signals_seen": self.signals_seen,
+            "shared_spikes": self.shared_spikes,
         }
 
 
@@ -188,15 +192,23 @@ def summarize(events: list[Event], run: str, signals: list[str] | None = None) -
     return Diagnosis(run, events, cause_kind, cause, first, dict(sorted(modules.items(), key=lambda kv: -kv[1])), recs, signals or [])
 
 
-def diagnose_run(store_path: str, run: str | int, replay: bool = True) -> Diagnosis:
+def diagnose_run(store_path: str, run: str | int, replay: bool = True, compare: Sequence[str | int] = ()) -> Diagnosis:
     """Diagnose a stored run. With ``replay`` the stored signals are run through today's
-    detectors; otherwise the events stored during the run are used."""
-    from seismo.store import load_run
-
+    detectors; otherwise the events stored during the run are used. ``compare`` names other runs
+    of the store that saw the same data in the same order: a loss spike at the same step (+-1)
+    in any of them is attributed to the data (``Diagnosis.shared_spikes``, and the event says so)."""
     data = load_run(store_path, run)
     label = f"{data.info.name} (id {data.info.run_id})"
     if replay:
-        return diagnose_history(data.metrics, label)
-    events = [Event(e["kind"], e.get("severity") or "warning", int(e.get("step") or 0), e.get("module") or "",
-                    e.get("message") or "", e.get("evidence") or {}, e.get("advice") or "") for e in data.events]
-    return summarize(events, label, sorted(data.metrics))
+        d = diagnose_history(data.metrics, label)
+    else:
+        events = [Event(e["kind"], e.get("severity") or "warning", int(e.get("step") or 0), e.get("module") or "",
+                        e.get("message") or "", e.get("evidence") or {}, e.get("advice") or "") for e in data.events]
+        d = summarize(events, label, sorted(data.metrics))
+    if compare:
+        others = {}
+        for ref in compare:
+            other = load_run(store_path, ref)
+            others[other.info.name] = other.metrics
+        d.shared_spikes = attribute_shared_spikes(d.events, others)
+    return d
