@@ -1,19 +1,32 @@
-"""The measures of Wortsman et al. 2023 (arXiv 2309.14322): LR sensitivity, optimal LR,
-divergence rate, and the size-scaling fits used to predict instability before it happens."""
+"""The measures of Wortsman et al. 2023 (arXiv 2309.14322): LR sensitivity (over the whole grid and
+near the best LR), optimal LR, divergence rate, seed spreads, and the size-scaling fits used to
+predict instability before it happens, with an explicit definition of an unstable trial.
+
+``lr_sensitivity``, ``divergence_rate`` and ``predict_unstable_lrs`` live in :mod:`seismo._stats`
+(the report layer uses them too) and are re-exported here.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 import numpy as np
 
-from seismo._stats import PowerLaw, fit_power_law
+from seismo._stats import PowerLaw, divergence_rate, fit_power_law, lr_sensitivity, predict_unstable_lrs
 
 __all__ = [
-    "lr_sensitivity", "optimal_lr", "divergence_rate", "PowerLaw", "fit_power_law", "predict_unstable_lrs",
-    "first_step_at_or_above", "sharpness_ratio", "trial_measures",
+    "lr_sensitivity", "lr_sensitivity_near_best", "optimal_lr", "divergence_rate", "PowerLaw", "fit_power_law",
+    "predict_unstable_lrs", "Spread", "seed_spread", "capped_final_loss", "sensitivity_over_seeds", "cell_spread",
+    "unstable_fraction", "ScalingPoint", "scaling_prediction", "first_step_at_or_above", "sharpness_ratio", "trial_measures",
+    "UNSTABLE_MARGIN",
 ]
+
+#: An LR is *unstable* for a trial when the trial diverged, or when the LR is above the trial's best
+#: LR and its final loss ends more than this many nats above the best loss over the grid. (Under-
+#: training at a too-small LR is not instability, so the low side of the grid never counts.)
+UNSTABLE_MARGIN = 0.1
 
 
 def _capped(losses: Sequence[float], init_loss: float) -> np.ndarray:
@@ -22,45 +35,159 @@ def _capped(losses: Sequence[float], init_loss: float) -> np.ndarray:
     return np.minimum(a, init_loss)
 
 
-def lr_sensitivity(losses: Sequence[float], init_loss: float) -> float:
-    """E_eta[min(l(eta), l0)] - min_eta l(eta) over a (log-spaced) LR grid (Wortsman 2023 §2).
-
-    ``losses`` are the final losses at each LR of the grid; non-finite ones are the initial loss
-    ``l0``. The result is >= 0 and is 0 only if every LR reaches the best loss.
-    """
-    if len(losses) == 0:
-        raise ValueError("lr_sensitivity needs at least one loss")
-    if not math.isfinite(init_loss):
-        raise ValueError(f"init_loss must be finite, got {init_loss}")
-    c = _capped(losses, init_loss)
-    return float(np.mean(c - c.min()))  # not c.mean() - c.min(): rounding made that -4e-16 for equal losses
-
-
 def optimal_lr(lrs: Sequence[float], losses: Sequence[float], init_loss: float = math.inf) -> float:
     """The LR with the lowest (capped) final loss."""
     c = _capped(losses, init_loss if math.isfinite(init_loss) else np.inf)
     return float(np.asarray(lrs)[int(np.argmin(c))])
 
 
-def divergence_rate(statuses: Sequence[str]) -> float:
-    return float(np.mean([s == "diverged" for s in statuses])) if statuses else math.nan
+def lr_sensitivity_near_best(lrs: Sequence[float], losses: Sequence[float], init_loss: float, within: float = 10.0) -> float:
+    """LR sensitivity (Wortsman et al. 2023 §2, arXiv 2309.14322) over the LRs within a factor
+    ``within`` of the best LR only: ``best / within <= lr <= best * within``.
+
+    Over the whole grid, the smallest LRs of a short run are under-trained and their high loss
+    dominates the measure (at 300 steps, LR 3e-4 alone gave 0.158 of a 0.388 sensitivity); this
+    variant measures how fast the loss degrades around the optimum, which is what an intervention
+    that stabilises training at high LR can change."""
+    if len(lrs) != len(losses):
+        raise ValueError(f"lrs and losses must have the same length, got {len(lrs)} and {len(losses)}")
+    if not within >= 1.0:
+        raise ValueError(f"within must be >= 1, got {within}")
+    a, c = np.asarray(lrs, dtype=np.float64), _capped(losses, init_loss)
+    best = a[int(np.argmin(c))]
+    keep = (a >= best / within * (1 - 1e-9)) & (a <= best * within * (1 + 1e-9))
+    return lr_sensitivity(c[keep], init_loss)
 
 
-def predict_unstable_lrs(
-    table: dict[float, dict[float, float]], target_size: float, threshold: float
-) -> dict[float, tuple[float, bool]]:
-    """Wortsman §3.1.2 / §6: per LR, fit max attention logit vs model size (``table[lr][size] =
-    logit``) and extrapolate to ``target_size``. Returns ``{lr: (predicted logit, unstable)}``,
-    unstable meaning the prediction reaches ``threshold``."""
+@dataclass(frozen=True)
+class Spread:
+    """Mean and spread of one quantity over seeds: sample standard deviation (ddof 1; 0 for one
+    seed), smallest and largest value, and the number of seeds."""
+
+    mean: float
+    std: float
+    lo: float
+    hi: float
+    n: int
+
+
+def seed_spread(values: Iterable[float]) -> Spread:
+    """:class:`Spread` of ``values`` (one per seed). Non-finite values propagate into mean and std."""
+    v = np.asarray(list(values), dtype=np.float64)
+    if not len(v):
+        raise ValueError("seed_spread needs at least one value")
+    std = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+    return Spread(float(np.mean(v)), std, float(np.min(v)), float(np.max(v)), int(len(v)))
+
+
+def capped_final_loss(row: dict) -> float:
+    """A trial's final validation loss for LR-sensitivity purposes: its initial loss if it did not
+    complete (diverged or failed) or ended above it (Wortsman et al. 2023 §2)."""
+    l0 = float(row["init_loss"])
+    loss = float(row.get("final_val_loss", math.nan)) if row.get("status") == "completed" else math.nan
+    return float(_capped([loss], l0)[0])
+
+
+def _by(rows: Iterable[dict], *keys: str) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault(tuple(float(r[k]) if k == "lr" else r[k] for k in keys), []).append(r)
+    return out
+
+
+def sensitivity_over_seeds(rows: Iterable[dict], near_best: bool = False, within: float = 10.0) -> dict[tuple[str, str], Spread]:
+    """Per ``(intervention, size)``: the LR sensitivity of each seed's own loss-vs-LR curve, and
+    their :class:`Spread` over seeds. ``near_best`` uses :func:`lr_sensitivity_near_best`.
+
+    ``rows`` are sweep trials (``intervention``, ``size``, ``lr``, ``seed``, ``status``,
+    ``final_val_loss``, ``init_loss``); a seed counts only if it has the cell's full LR grid."""
     out = {}
-    for lr, by_size in sorted(table.items()):
-        sizes = sorted(s for s in by_size if s < target_size)
-        try:
-            fit = fit_power_law(sizes, [by_size[s] for s in sizes])
-        except ValueError:
+    for (iv, size), cell in _by(rows, "intervention", "size").items():
+        grid = sorted({float(r["lr"]) for r in cell})
+        values = []
+        for _, trials in sorted(_by(cell, "seed").items()):
+            by_lr = {float(r["lr"]): r for r in trials}
+            if sorted(by_lr) != grid:
+                continue
+            losses = [capped_final_loss(by_lr[lr]) for lr in grid]
+            l0 = float(np.median([float(by_lr[lr]["init_loss"]) for lr in grid]))
+            values.append(lr_sensitivity_near_best(grid, losses, l0, within) if near_best else lr_sensitivity(losses, l0))
+        if values:
+            out[(iv, size)] = seed_spread(values)
+    return out
+
+
+def cell_spread(rows: Iterable[dict], value: str = "final_val_loss") -> dict[tuple[str, str, float], Spread]:
+    """Per ``(intervention, size, lr)``: the :class:`Spread` over seeds of ``value`` (a trial field;
+    ``"capped_loss"`` means :func:`capped_final_loss`)."""
+    out = {}
+    for key, trials in _by(rows, "intervention", "size", "lr").items():
+        vals = [capped_final_loss(r) if value == "capped_loss" else float(r.get(value, math.nan)) for r in trials]
+        out[key] = seed_spread(vals)
+    return out
+
+
+def unstable_fraction(rows: Iterable[dict], margin: float = UNSTABLE_MARGIN) -> dict[tuple[str, str, float], float]:
+    """Per ``(intervention, size, lr)``: the fraction of seeds for which that LR is unstable
+    (:data:`UNSTABLE_MARGIN`): the trial diverged, or its LR is above the best LR of the same seed's
+    grid and its final loss is more than ``margin`` nats above that seed's best loss."""
+    out: dict[tuple[str, str, float], list[bool]] = {}
+    for (iv, size, _seed), trials in _by(rows, "intervention", "size", "seed").items():
+        lrs = [float(r["lr"]) for r in trials]
+        losses = [capped_final_loss(r) for r in trials]
+        i_best = int(np.argmin(losses))
+        for r, lr, loss in zip(trials, lrs, losses):
+            bad = r.get("status") == "diverged" or (lr > lrs[i_best] and loss > losses[i_best] + margin)
+            out.setdefault((iv, size, lr), []).append(bool(bad))
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class ScalingPoint:
+    """One LR of :func:`scaling_prediction`."""
+
+    lr: float
+    predicted_logit: float  #: max attention logit at the target size, from the power-law fit
+    predicted_unstable: bool  #: predicted_logit >= the threshold
+    r2: float | None  #: R^2 of the fit in log-log space; None with fewer than 3 sizes (1 by construction)
+    exponent: float  #: the fitted power of the size
+    n_sizes: int
+    observed_logit: float  #: seed mean at the target size (NaN if not run)
+    observed_unstable: float  #: fraction of the target size's seeds for which this LR is unstable (NaN if not run)
+
+
+def scaling_prediction(rows: Sequence[dict], intervention: str, target: str, threshold: float, fit_sizes: Sequence[str] | None = None,
+                       min_sizes: int = 3, margin: float = UNSTABLE_MARGIN) -> list[ScalingPoint]:
+    """Predict a held-out size from smaller ones (Wortsman et al. 2023 §3.1.2, arXiv 2309.14322).
+
+    Per LR, the seed-mean max attention logit of the ``fit_sizes`` (default: every size smaller
+    than ``target``) is fitted by a power law in non-embedding parameters and extrapolated to
+    ``target``; the LR is predicted unstable if the prediction reaches ``threshold``. The
+    prediction is checked against what the target size did: the fraction of its seeds for which
+    the LR is unstable by the loss (:func:`unstable_fraction`: diverged, or more than ``margin``
+    nats above the best), not by the logit alone. Needs ``min_sizes`` (>= 3) fitted sizes: with
+    two, R^2 = 1 whatever the data."""
+    if min_sizes < 3:
+        raise ValueError(f"min_sizes must be >= 3 (a 2-point fit has R^2 = 1 by construction), got {min_sizes}")
+    mine = [r for r in rows if r["intervention"] == intervention]
+    n_params = {r["size"]: float(r["n_params"]) for r in mine if r.get("n_params")}
+    if target not in n_params:
+        raise ValueError(f"target size {target!r} has no trial with n_params for {intervention!r}")
+    fit_sizes = list(fit_sizes) if fit_sizes is not None else [s for s in n_params if n_params[s] < n_params[target]]
+    if len(fit_sizes) < min_sizes:
+        raise ValueError(f"need >= {min_sizes} sizes to fit, got {sorted(fit_sizes)}")
+    logit = {k: v.mean for k, v in cell_spread(mine, "max_attn_logit").items()}
+    unstable = unstable_fraction(mine, margin)
+    out = []
+    for lr in sorted({float(r["lr"]) for r in mine}):
+        pts = [(n_params[s], logit[(intervention, s, lr)]) for s in fit_sizes if (intervention, s, lr) in logit]
+        pts = [(x, y) for x, y in pts if math.isfinite(y) and y > 0]
+        if len(pts) < min_sizes:
             continue
-        pred = float(fit(target_size))
-        out[lr] = (pred, pred >= threshold)
+        fit = fit_power_law([p[0] for p in pts], [p[1] for p in pts])
+        pred = float(fit(n_params[target]))
+        out.append(ScalingPoint(lr, pred, pred >= threshold, fit.r2 if fit.n >= 3 else None, fit.exponent, fit.n,
+                                logit.get((intervention, target, lr), math.nan), unstable.get((intervention, target, lr), math.nan)))
     return out
 
 

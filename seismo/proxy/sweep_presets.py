@@ -1,8 +1,10 @@
 """Sweep presets reproducing the seed papers at CPU scale: ``fn(quick: bool) -> SweepConfig``.
 
-Full variants are sized for <= 20 minutes on 2 cores with the local backend; ``quick`` variants
-for <= 2 minutes (tests, smoke checks). Sizes scale width, depth and heads together, as in
-Wortsman et al. 2023 (arXiv 2309.14322).
+Full variants run every cell (intervention, size, LR) over three seeds, so that an effect can be
+told from seed noise; they take from about 10 (``edge_of_stability``) to about 100 trial-minutes
+(``qk_layernorm``) on this project's 2-core machine. ``quick`` variants (one seed, 40 steps) take
+<= 2 minutes (tests, smoke checks). Sizes scale width, depth and heads together at a fixed head
+width of 16, as in Wortsman et al. 2023 (arXiv 2309.14322).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from seismo.proxy.sweep import SweepConfig
 __all__ = ["SWEEP_PRESETS", "get_sweep_preset", "SIZES"]
 
 SIZES: dict[str, list[str]] = {
+    "xxs": ["model.n_embd=16", "model.n_layer=1", "model.n_head=1"],
     "xs": ["model.n_embd=32", "model.n_layer=1", "model.n_head=2"],
     "s": ["model.n_embd=64", "model.n_layer=2", "model.n_head=4"],
     "m": ["model.n_embd=96", "model.n_layer=3", "model.n_head=6"],
@@ -22,6 +25,8 @@ SIZES: dict[str, list[str]] = {
 }
 FULL_LRS = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
 QUICK_LRS = [1e-3, 1e-2, 1e-1]
+FULL_SEEDS = [0, 1, 2]
+QUICK_SEEDS = [0]
 # A shorter, smaller training run than the demo so that a grid fits the time budget.
 FULL_RUN = ["steps=300", "batch_size=16", "model.block_size=64", "optim.warmup_steps=30", "eval_every=0", "eval_batches=4",
             "data.max_bytes=2000000", "log_every=25"]
@@ -31,11 +36,13 @@ QUICK_RUN = ["steps=40", "batch_size=8", "model.block_size=32", "optim.warmup_st
 
 def _grid(name: str, quick: bool, interventions: dict[str, list[str]], description: str, extra: list[str] | None = None,
           sizes: tuple[str, ...] = ("xs", "s", "m")) -> SweepConfig:
+    quick_sizes = tuple(k for k in sizes if k != "xxs")[:2]
     return SweepConfig(
         name=name + ("-quick" if quick else ""),
         base="baseline",
         lrs=QUICK_LRS if quick else FULL_LRS,
-        sizes={k: SIZES[k] for k in (sizes[:2] if quick else sizes)},
+        sizes={k: SIZES[k] for k in (quick_sizes if quick else sizes)},
+        seeds=list(QUICK_SEEDS if quick else FULL_SEEDS),
         interventions=interventions,
         overrides=(QUICK_RUN if quick else FULL_RUN) + (extra or []),
         description=description,
@@ -43,8 +50,11 @@ def _grid(name: str, quick: bool, interventions: dict[str, list[str]], descripti
 
 
 def qk_layernorm(quick: bool = False) -> SweepConfig:
-    """Baseline vs qk-layernorm: LR sensitivity and max attention logit (Wortsman 2023 §3.1)."""
-    return _grid("qk_layernorm", quick, {"baseline": [], "qk_norm": ["model.qk_norm=true"]}, qk_layernorm.__doc__)
+    """Baseline vs qk-layernorm: LR sensitivity and max attention logit (Wortsman 2023 §3.1, arXiv
+    2309.14322). Four sizes, so that the size trend of the three smaller ones can be fitted and
+    tested on the held-out largest (``--predict m``)."""
+    return _grid("qk_layernorm", quick, {"baseline": [], "qk_norm": ["model.qk_norm=true"]}, qk_layernorm.__doc__,
+                 sizes=("xxs", "xs", "s", "m"))
 
 
 def z_loss(quick: bool = False) -> SweepConfig:
@@ -84,14 +94,21 @@ def seqlen_warmup(quick: bool = False) -> SweepConfig:
 
 def spam(quick: bool = False) -> SweepConfig:
     """x1000 gradient spikes on four steps: AdamW vs SPAM vs Stable-SPAM vs seismo.Guard, next to
-    spike-free AdamW; betas (0.9, 0.999) as in the SPAM papers (Huang et al. 2025; Stable-SPAM 2025)."""
+    spike-free AdamW; betas (0.9, 0.999) as in the SPAM papers (Huang et al. 2025, arXiv 2501.06842;
+    Stable-SPAM, arXiv 2502.17055).
+
+    SPAM and Stable-SPAM run with the papers' eps 1e-6. Their momentum reset intervals (500 and
+    1000 steps) are longer than a 300-step run, so they are scaled by 1/5 to 100 and 200 steps
+    (SPAM's post-reset warm-up with them, 150 -> 30): the resets fire at steps 100 and 200 (SPAM)
+    and 200 (Stable-SPAM), between the spikes. The quick variant scales them to 10 and 20 steps."""
     steps = [25, 26, 30, 35] if quick else [75, 76, 150, 225]  # SPAM clips from step 20 on (N_a)
+    spam_reset, stable_reset = (10, 20) if quick else (100, 200)
     spikes = [f"spikes.steps={steps}", "spikes.factor=1000"]
     return _grid("spam", quick, {
         "adamw_clean": [],
         "adamw": spikes,
-        "spam": spikes + ["optim.name=spam"],
-        "stable_spam": spikes + ["optim.name=stable_spam"],
+        "spam": spikes + ["optim.name=spam", "optim.eps=1e-6", f"optim.spam_reset_interval={spam_reset}"],
+        "stable_spam": spikes + ["optim.name=stable_spam", "optim.eps=1e-6", f"optim.spam_reset_interval={stable_reset}"],
         "guard_skip": spikes + ["guard=skip"],
     }, spam.__doc__, extra=["optim.beta2=0.999"], sizes=("xs", "s"))
 
@@ -104,6 +121,7 @@ def grokking(quick: bool = False) -> SweepConfig:
         base="modular_mlp",
         lrs=[1e-2] if quick else [3e-3, 1e-2],
         sizes={"mlp64": ["hidden=[64, 64]"]} if quick else {"mlp200": []},
+        seeds=list(QUICK_SEEDS if quick else FULL_SEEDS),
         interventions={"softmax": [], "softmax_fp64": ["dtype=float64"], "stablemax": ["output=stablemax"],
                        "perp_grad": ["perp_grad=true"]},
         overrides=["steps=150", "eval_every=25", "log_every=25"] if quick else ["steps=3000", "eval_every=50"],
@@ -119,6 +137,7 @@ def edge_of_stability(quick: bool = False) -> SweepConfig:
         base="eos_mlp",
         lrs=[0.1, 0.2] if quick else [0.01, 0.02, 0.05, 0.1, 0.2],
         sizes={"w64": []} if quick else {"w32": ["hidden=[32, 32]"], "w64": []},
+        seeds=list(QUICK_SEEDS if quick else FULL_SEEDS),
         interventions={"gd": []},
         overrides=["steps=300", "curvature_every=10", "eval_every=100", "log_every=50"] if quick else ["steps=3000", "curvature_every=10"],
         description=edge_of_stability.__doc__,

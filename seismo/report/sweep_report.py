@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
-from seismo._stats import fit_power_law
+from seismo._stats import fit_power_law, lr_sensitivity
 from seismo.report.sweep_plots import capped_final_loss
 from seismo.store import RunStore
 
@@ -37,14 +36,6 @@ class SweepTable:
     best_lr: dict[tuple[str, str], float]  #: (intervention, size) -> LR with the lowest capped loss
     divergence: dict[tuple[str, str], float]  #: (intervention, size) -> fraction of diverged trials
     n_params: dict[str, float]  #: size -> non-embedding parameters
-
-
-def lr_sensitivity(losses: Sequence[float], init_loss: float) -> float:
-    """LR sensitivity, ``E_lr[min(l(lr), l0)] - min_lr l(lr)`` over the LR grid, with non-finite
-    (diverged) losses counted as the initial loss ``l0`` (Wortsman et al. 2023 §2, arXiv
-    2309.14322). 0 only when every LR reaches the best loss."""
-    capped = np.minimum(np.where(np.isfinite(losses), losses, init_loss), init_loss)
-    return float(np.mean(capped - capped.min()))
 
 
 def sweep_names(store: RunStore) -> list[str]:
