@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from seismo.proxy.sweep import load_sweep_file, run_sweep
 
@@ -144,6 +145,18 @@ def _run_killed(args: list[str], when, log: Path) -> tuple[bool, list[int]]:
     return False, []
 
 
+def _count_runs(store: Path) -> int:
+    if not store.exists():
+        return 0
+    conn = sqlite3.connect(store)
+    try:
+        return conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+    except sqlite3.Error:  # created a moment ago: no schema yet
+        return 0
+    finally:
+        conn.close()
+
+
 def _after(delay: float, condition=lambda proc, started: True):
     """A ``when`` for :func:`_run_killed`: ``delay`` seconds after ``condition`` first holds."""
     since: list[float] = []
@@ -174,14 +187,32 @@ def _train_chain(corpus: str, out: Path, rng: random.Random, kills: int, timing:
         if done < kills:
             if rng.random() < 0.25:
                 when = _after(rng.uniform(0.1, timing["startup"]))
-            else:
-                wrote_checkpoint = lambda proc, started: ckpt.exists() and ckpt.stat().st_mtime >= started  # noqa: E731
-                when = _after(rng.uniform(0.0, 0.6 * timing["training"]), wrote_checkpoint)
+            else:  # once this attempt has written a checkpoint past its starting point
+                when = _after(rng.uniform(0.0, 0.6 * timing["training"]), _checkpoints_written(ckpt, 1 if ckpt.exists() else 2))
         killed, _ = _run_killed(args, when, out.parent / f"{out.name}.log")
         if not killed:
             return done
-        phases["train: " + ("after a checkpoint" if ckpt.exists() else "before any checkpoint")] += 1
+        step = torch.load(ckpt, weights_only=True)["step"] if ckpt.exists() else None
+        phases["train: " + ("before any checkpoint" if step is None else "after the step-0 checkpoint" if step == 0
+                            else "after a later checkpoint")] += 1
         done += 1
+
+
+def _checkpoints_written(ckpt: Path, n: int):
+    """True once the attempt started at ``started`` has written ``ckpt`` ``n`` times (a fresh run
+    writes its step-0 checkpoint first, a resumed one only later checkpoints)."""
+    seen: set[int] = set()
+
+    def condition(proc, started) -> bool:
+        try:
+            mtime = ckpt.stat().st_mtime_ns
+        except OSError:
+            return False
+        if mtime >= started * 1e9:
+            seen.add(mtime)
+        return len(seen) >= n
+
+    return condition
 
 
 def _sweep_chain(toml: Path, out: Path, rng: random.Random, kills: int, n_trials: int, phases: collections.Counter) -> int:
@@ -199,14 +230,14 @@ def _sweep_chain(toml: Path, out: Path, rng: random.Random, kills: int, n_trials
             def ready(proc, started, target=target) -> bool:
                 if len([p for p in _children(proc.pid) if _alive(p)]) < 2:
                     return False  # the pool is not up yet: nothing to leave behind
-                return target == 0 or (store.exists() and len(_stored(store)) >= target)
+                return target == 0 or _count_runs(store) >= target
 
             when = _after(rng.uniform(0.0, 2.0), ready)
         killed, children = _run_killed(args, when, out.parent / f"{out.name}.log")
         if not killed:
             return done
         done += 1
-        stored = len(_stored(store)) if store.exists() else 0
+        stored = _count_runs(store)
         phases[f"sweep: {stored} of {n_trials} trials stored"] += 1
         deadline = time.time() + 20
         while any(_alive(p) for p in children) and time.time() < deadline:
