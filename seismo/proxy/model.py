@@ -13,6 +13,9 @@ switch             paper
 ``attention``      ``softmax`` or ``cosine`` (Swin V2 scaled cosine attention, scale init 10, max 100)
 ``output``         ``softmax`` or ``stablemax`` loss (Prieto et al. 2025, arXiv 2501.04697)
 ``sigma_reparam``  sigmaReparam on every linear layer (Zhai et al. 2023, arXiv 2303.06296)
+``attn_softcap``   ``cap * tanh(logit / cap)`` on attention logits (Gemma 2: 50, arXiv 2408.00118);
+                   runs attention explicitly instead of the fused SDPA kernel
+``final_softcap``  the same on the output logits (Gemma 2: 30)
 ``parametrization`` ``standard`` or ``mup`` (width multiplier, per-group LRs, 1/d attention;
                    Yang et al. 2022, arXiv 2203.03466, as used by Wortsman 2023 §3.4)
 ================== ===========================================================================
@@ -41,6 +44,7 @@ from seismo.mitigate.model_edits import (
     apply_sigma_reparam,
     cosine_attention_scale,
 )
+from seismo.mitigate.softcap import softcap
 from seismo.monitor.attention.tap import AttentionLogitTap
 
 __all__ = ["GPTConfig", "TinyGPT", "AttentionLogitTap", "ConfigError"]
@@ -75,6 +79,8 @@ class GPTConfig:
     parametrization: str = "standard"
     mup_base_width: int = 128
     init_std: float = 0.02
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
 
     def validate(self) -> None:
         def need(cond: bool, field: str, msg: str) -> None:
@@ -93,6 +99,10 @@ class GPTConfig:
         need(self.output in OUTPUTS, "output", f"must be one of {OUTPUTS}, got {self.output!r}")
         need(self.parametrization in PARAMETRIZATIONS, "parametrization", f"must be one of {PARAMETRIZATIONS}, got {self.parametrization!r}")
         need(self.sigma_gamma_init in GAMMA_INITS, "sigma_gamma_init", f"must be one of {GAMMA_INITS}, got {self.sigma_gamma_init!r}")
+        for f in ("attn_softcap", "final_softcap"):
+            v = getattr(self, f)
+            ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf)
+            need(ok, f, f"must be a positive number or null (off), got {v!r}")
         for f in ("bias", "tie_weights", "qk_norm", "sigma_reparam"):
             need(isinstance(getattr(self, f), bool), f, f"must be true or false, got {getattr(self, f)!r}")
 
@@ -127,6 +137,7 @@ class CausalSelfAttention(nn.Module):
             self.logit_scale = nn.Parameter(torch.full((cfg.n_head, 1, 1), math.log(COSINE_SCALE_INIT)))
         # muP scales attention by 1/d instead of 1/sqrt(d).
         self.scale = 1.0 / hs if cfg.parametrization == "mup" else 1.0 / math.sqrt(hs)
+        self.attn_softcap = cfg.attn_softcap  # Gemma 2 soft-capping: the explicit attention path
         self.logit_tap = AttentionLogitTap()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -142,13 +153,28 @@ class CausalSelfAttention(nn.Module):
             q = F.normalize(q, dim=-1) * cosine_attention_scale(self.logit_scale)
             k = F.normalize(k, dim=-1)
             scale = 1.0
-        if self.logit_tap.observed():
-            self._emit_logits(q, k, scale)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scale, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, nh, T, hs)
+        if self.attn_softcap is not None:
+            y = self._softcapped_attention(q, k, v, scale)
+        else:
+            if self.logit_tap.observed():
+                self._emit_logits(q, k, scale)
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, dropout_p=self.dropout if self.training else 0.0
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def _softcapped_attention(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """softmax(cap * tanh(q.k * scale / cap) + causal mask) v; the tap sees the capped logits (what the softmax sees)."""
+        T = q.size(-2)
+        att = softcap((q @ k.transpose(-2, -1)) * scale, self.attn_softcap)
+        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=att.device).triu(1), float("-inf"))
+        if self.logit_tap.observed():
+            n = max(1, min(att.size(0), self.logit_tap.max_batch))
+            in_training_step = torch.is_grad_enabled()
+            self.logit_tap(att[:n].detach(), in_training_step)
+        att = F.dropout(torch.softmax(att, dim=-1), p=self.dropout, training=self.training)
+        return att @ v
 
     def _emit_logits(self, q: Tensor, k: Tensor, scale: float) -> None:
         in_training_step = torch.is_grad_enabled()
@@ -264,6 +290,8 @@ class TinyGPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, V)
         if self.config.width_mult != 1.0:
             logits = logits / self.config.width_mult  # muP readout multiplier
+        if self.config.final_softcap is not None:
+            logits = softcap(logits, self.config.final_softcap)
         if targets is None:
             return logits, None
         flat_logits, flat_targets = logits.view(-1, logits.size(-1)), targets.reshape(-1)
