@@ -44,14 +44,14 @@ class ActivationProbe(HookedProbe):
                 self.modules[n] = ctx.model.get_submodule(n)
             except AttributeError:
                 raise ProbeFailure(f"no module named {n!r} for activation tracking") from None
-
-    def install(self, step: int) -> None:
+        # registered once and gated on self.armed: torch.compile keeps its graphs (no recompilation)
         for n, m in self.modules.items():
-            self.step_hooks.add(m.register_forward_hook(self.guard(self._make_hook(n))))
+            self.hooks.add(m.register_forward_hook(self.guard(self._make_hook(n))))
+
 
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
-            if not torch.is_grad_enabled() or f"act/rms/{name}" in self.values:
+            if not self.armed or not torch.is_grad_enabled() or f"act/rms/{name}" in self.values:
                 return
             x = extract_logits(output)
             if x is None:

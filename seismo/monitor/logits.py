@@ -79,12 +79,11 @@ class LogitsProbe(HookedProbe):
                 raise ProbeFailure(f"no module named {self.output!r} for the output logits; last linear layers: {names}") from None
         else:
             self.module = ctx.model
-
-    def install(self, step: int) -> None:
-        self.step_hooks.add(self.module.register_forward_hook(self.guard(self._hook)))
+        # registered once and gated on self.armed: torch.compile keeps its graphs (no recompilation)
+        self.hooks.add(self.module.register_forward_hook(self.guard(self._hook)))
 
     def _hook(self, module, inputs, output) -> None:
-        if self.values or not torch.is_grad_enabled():
+        if not self.armed or self.values or not torch.is_grad_enabled():
             return
         logits = extract_logits(output)
         if logits is None:

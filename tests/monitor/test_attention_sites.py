@@ -1,4 +1,4 @@
-"""Tests for seismo.monitor.attention_sites (attention signals of non-TinyGPT models).
+"""Tests for the attention sites (attention signals of non-TinyGPT models) and their discovery.
 
 Oracle: explicit softmax attention written here - q and k captured from the model's own
 projections during the same forward, logits q.k * scale, an explicit "may attend" boolean
@@ -18,11 +18,11 @@ from torch import nn
 
 from seismo import Monitor
 from seismo.monitor import AttentionProbe, LossProbe, every
+from seismo.monitor.attention import ObservedSite
 from seismo.monitor.attention_sites import (  # the old path, kept for one release
     HFAttentionSite,
     MHASite,
     SDPASite,
-    _stack,
     find_generic_sites,
     is_intercepting,
 )
@@ -336,9 +336,10 @@ def test_sdpa_module_matches_explicit_softmax(case):
     hs = capture_sdpa_module(net.blocks[0], stores[0]) + capture_sdpa_module(net.blocks[1], stores[1])
     plain = net(x, **fwd_kw)
     mon = Monitor(net, opt, probes=[AttentionProbe(max_batch=2)])
-    assert [s.name for s in mon.probes[0].sites] == ["blocks.0", "blocks.1"]
-    assert all(isinstance(s, SDPASite) for s in mon.probes[0].sites)
+    assert mon.probes[0].sites == []  # found by watching the first forward
     out = net(x, **fwd_kw)
+    assert [s.name for s in mon.probes[0].sites] == ["blocks.0", "blocks.1"]
+    assert all(isinstance(s, ObservedSite) and s.kinds == {"sdpa"} for s in mon.probes[0].sites)
     assert torch.equal(out, plain), "the monitor changed the output"
     loss = out.pow(2).mean()
     loss.backward()
@@ -494,50 +495,48 @@ def test_hf_llama_gqa_matches_explicit_softmax(impl, padded):
 # --------------------------------------------------------------------------
 
 
-def test_patch_only_on_tracked_steps_and_restored():
-    original = F.scaled_dot_product_attention
+def attn_probe(mon):
+    return next(p for p in mon.probes if isinstance(p, AttentionProbe))
+
+
+def test_observed_on_tracked_steps_only_and_nothing_patched():
+    original, softmax = F.scaled_dot_product_attention, F.softmax
     torch.manual_seed(7)
     net = Net()
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     seen = []
-    h = net.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(F.scaled_dot_product_attention is original))
+    h = net.blocks[0].q.register_forward_hook(lambda m, a, o: seen.append(is_intercepting()))
     x = torch.randn(2, 5, 16)
     mon = Monitor(net, opt, probes=[LossProbe(), AttentionProbe(schedule=every(2))])
     recs = []
-    for step in range(4):
+    for _ in range(4):
         recs.append(train_step(net, opt, mon, lambda: net(x, is_causal=True).pow(2).mean()))
-        # after each collect the next step's arming decides; odd steps are untracked
-        assert (F.scaled_dot_product_attention is original) == ((step + 1) % 2 == 1)
-    assert seen == [False, True, False, True]  # patched during tracked forwards only
+        assert not is_intercepting()  # the mode lives inside site forwards only
+    assert seen == [True, False, True, False]  # observed during tracked forwards only (step 0: discovery)
     assert [any(k.startswith("attn/") for k in r) for r in recs] == [True, False, True, False]
-    assert is_intercepting()  # step 4 is tracked and already armed
     mon.close()
     h.remove()
-    assert F.scaled_dot_product_attention is original
-    assert F.softmax.__module__ == "torch.nn.functional" and not hasattr(F.softmax, "__seismo_original__")
+    assert F.scaled_dot_product_attention is original and F.softmax is softmax  # never patched
+    assert not net.blocks[0]._forward_hooks and not net.blocks[0]._forward_pre_hooks and not net._forward_hooks
 
 
 @pytest.mark.filterwarnings("ignore:seismo. probe")
-def test_monitor_every_restores_on_close_mid_window():
-    original = F.scaled_dot_product_attention
+def test_monitor_every_close_mid_window_leaves_nothing():
     net = Net()
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     mon = Monitor(net, opt, probes="default", every=3)
-    assert F.scaled_dot_product_attention is not original  # step 0 is armed
-    assert is_intercepting()
+    assert net._forward_pre_hooks  # step 0 is armed: discovery waits for the forward
     mon.close()  # closed while armed
-    assert F.scaled_dot_product_attention is original
     assert not is_intercepting()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
 
 
 def test_restored_after_forward_raises():
-    original = F.scaled_dot_product_attention
-
     class Boom(SelfAttn):
         def forward(self, x, **kw):
             y = super().forward(x, **kw)
             if getattr(self, "explode", False):
-                raise RuntimeError("user error")  # after its SDPA call was intercepted
+                raise RuntimeError("user error")  # after its SDPA call was observed
             return y
 
     net = nn.Sequential(Boom(), Boom())
@@ -546,13 +545,17 @@ def test_restored_after_forward_raises():
     mon = Monitor(net, opt, probes=[AttentionProbe()])
     net[0].explode = True
     with pytest.raises(RuntimeError, match="user error"):
-        net(x)
-    assert _stack() == []  # the always_call forward hook popped the raising module
+        net(x)  # the discovery forward raises: discovery watches the next one
+    assert not is_intercepting()
     net[0].explode = False
     rec = train_step(net, opt, mon, lambda: net(x).pow(2).mean())
     assert {"attn/entropy/0", "attn/entropy/1"} <= set(rec)
+    net[1].explode = True
+    with pytest.raises(RuntimeError, match="user error"):
+        net(x)  # a site forward raises on a tracked step
+    assert attn_probe(mon).gate.stack == [] and not is_intercepting()  # the always_call hooks left the mode
+    net[1].explode = False
     mon.close()
-    assert F.scaled_dot_product_attention is original
 
 
 def test_eval_forwards_under_no_grad_not_recorded():
@@ -611,10 +614,12 @@ def test_eval_not_recorded_mha_and_hf(kind):
 def test_no_attention_model_disables_probe_with_warning():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.warns(RuntimeWarning, match=r"probe 'attn' is off: found no attention module"):
-        mon = Monitor(model, opt, probes=[LossProbe(), AttentionProbe()])
-    assert "attn" in mon.disabled
+    mon = Monitor(model, opt, probes=[LossProbe(), AttentionProbe()])
     x = torch.randn(5, 4)
+    with pytest.warns(RuntimeWarning, match=r"probe 'attn' is off: .*found no attention in the model's first forward"):
+        rec = train_step(model, opt, mon, lambda: model(x).pow(2).mean())  # discovery watches the first forward
+    assert "attn" in mon.disabled and "loss" in rec and not any(k.startswith("attn/") for k in rec)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     for _ in range(3):
         rec = train_step(model, opt, mon, lambda: model(x).pow(2).mean())
         assert "loss" in rec and not any(k.startswith("attn/") for k in rec)

@@ -824,7 +824,9 @@ def test_no_host_sync_before_flush_and_no_hooks_on_untracked_steps():
     for step in range(30):
         x, y = tokens(step)
         tracked = step % 10 == 0
-        assert (hooks_installed(model) > 0) == tracked, step  # armed only before tracked steps
+        # per-step hooks only before tracked steps; forward hooks stay (gated: torch.compile keeps its graph)
+        grad_hooks = sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters())
+        assert (grad_hooks > 0) == tracked, step
         with count_seismo_syncs() as calls:
             _, loss = model(x, y)  # forward hooks (attention, logits, activations)
             opt.zero_grad(set_to_none=True)
@@ -959,9 +961,12 @@ def test_unknown_output_module_name_is_reported():
 
 def test_model_without_attention_turns_the_attention_probe_off_with_a_message():
     model = MLP()
-    mon, msgs = monitor_warnings(model, torch.optim.AdamW(model.parameters()), probes="default")
-    assert "no attention module" in mon.disabled["attn"]
-    assert any("'attn' is off" in m for m in msgs)
+    mon, _ = monitor_warnings(model, torch.optim.AdamW(model.parameters()), probes="default")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(torch.randn(4, 6))  # attention is found by watching the first forward
+    assert "found no attention" in mon.disabled["attn"]
+    assert any("'attn' is off" in str(w.message) for w in caught)
     assert "logits" in [p.name for p in mon.probes]
     mon.close()
 

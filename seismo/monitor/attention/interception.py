@@ -1,34 +1,56 @@
-"""Call interception: which attention call belongs to which site, and the reversible patches.
+"""Call observation: which attention call belongs to which site, seen by a ``TorchFunctionMode``.
 
-A call to ``F.scaled_dot_product_attention`` / ``F.softmax`` is seen only while an armed site
-holds a reference to the patch of that function (:class:`_FunctionPatch`). The call is attributed to
-the innermost site module being executed on this thread: each armed site module pushes a
-:class:`_Install` token on a per-thread stack in a forward pre-hook and pops it in an
-``always_call`` forward hook. Why the functions are patched, and what that costs, is in
-docs/MONITOR.md ("Attention sites").
+While an armed site module runs a training forward, its forward pre-hook pushes a token on its
+probe's :class:`Gate` stack and enters a :class:`_SiteMode`; the ``always_call`` forward hook exits
+it and pops the token. The mode sees every call of ``scaled_dot_product_attention`` and softmax
+(``F.softmax``, ``torch.softmax``, ``Tensor.softmax``) made inside, whatever name the function was
+bound to (``from torch.nn.functional import scaled_dot_product_attention as sdpa`` included),
+runs it unchanged and hands the call's inputs to the innermost token (:func:`_dispatch`), which
+recomputes the pre-softmax logits on the side. Nothing is patched; outputs are bitwise those of the
+call. ``torch.compile`` traces the hooks and the mode (no graph break): the hooks are registered
+once and read ``gate.on``, so a compiled model has one graph for tracked and one for untracked
+steps, and never recompiles because of the monitor. Why, and what it costs: docs/MONITOR.md.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import threading
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from seismo.monitor.attention.logits import sdpa_logits, softmax_logits
 
-__all__ = ["is_intercepting", "LogitsCallback"]
+__all__ = ["is_intercepting", "LogitsCallback", "Gate", "WATCHED"]
 
 _log = logging.getLogger(__name__)
 
 LogitsCallback = Callable[[Tensor], None]
 
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_SOFTMAX_PARAMS = ("input", "dim", "_stacklevel", "dtype")
+_F_SOFTMAX_PARAMS = ("input", "dim", "_stacklevel", "dtype")
+_SOFTMAX_PARAMS = ("input", "dim", "dtype")
+
+
+def _watched() -> dict[Any, tuple[str, tuple[str, ...]]]:
+    out: dict[Any, tuple[str, tuple[str, ...]]] = {
+        F.scaled_dot_product_attention: ("sdpa", _SDPA_PARAMS),
+        F.softmax: ("softmax", _F_SOFTMAX_PARAMS),
+        torch.softmax: ("softmax", _SOFTMAX_PARAMS),
+        torch.Tensor.softmax: ("softmax", _SOFTMAX_PARAMS),
+    }
+    special = getattr(torch.special, "softmax", None)
+    if special is not None:
+        out.setdefault(special, ("softmax", _SOFTMAX_PARAMS))
+    return out
+
+
+#: The functions the observation mode reads, whatever name a model bound them to: function ->
+#: (kind, parameter names). A constant table (read-only after import).
+WATCHED = _watched()
 
 
 def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -37,9 +59,12 @@ def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict[str, Any]:
     return out
 
 
-def _logits_of_call(kind: str, args: tuple, kwargs: dict, max_batch: int) -> Tensor | None:
+def _logits_of_call(func: Any, args: tuple, kwargs: dict, max_batch: int) -> Tensor | None:
+    """Pre-softmax logits ``(b, nh, Tq, Tk)`` of one watched call, None when it is not attention
+    (a softmax over anything but the last dimension of a 4-D tensor, integer inputs...)."""
+    kind, names = WATCHED[func]
+    a = _bind(names, args, kwargs)
     if kind == "sdpa":
-        a = _bind(_SDPA_PARAMS, args, kwargs)
         q, k = a.get("query"), a.get("key")
         if not isinstance(q, Tensor) or not isinstance(k, Tensor) or not q.is_floating_point():
             return None
@@ -47,7 +72,6 @@ def _logits_of_call(kind: str, args: tuple, kwargs: dict, max_batch: int) -> Ten
             q, k, a.get("attn_mask"), bool(a.get("is_causal", False)), a.get("scale"),
             bool(a.get("enable_gqa", False)), max_batch,
         )
-    a = _bind(_SOFTMAX_PARAMS, args, kwargs)
     x, dim = a.get("input"), a.get("dim")
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 4 or dim not in (-1, 3):
         return None
@@ -55,128 +79,82 @@ def _logits_of_call(kind: str, args: tuple, kwargs: dict, max_batch: int) -> Ten
         return softmax_logits(x, max_batch)
 
 
-_LOCAL = threading.local()
+class Gate:
+    """What the sites of one probe share: ``on`` (deliver logits: a tracked step is armed), the
+    stack of site tokens being executed (the innermost gets a call) and every token, so that
+    arming resets them. Under ``torch.compile`` ``on`` is guarded: one graph per value."""
+
+    def __init__(self, on: bool = False):
+        self.on = on
+        self.stack: list[_Install] = []
+        self.tokens: list[_Install] = []
+
+    def arm(self) -> None:
+        for tok in self.tokens:
+            tok.done = False
+        self.stack.clear()
+        self.on = True
+
+    def disarm(self) -> None:
+        self.on = False
+        self.stack.clear()
 
 
-def _stack() -> list["_Install"]:
-    st = getattr(_LOCAL, "stack", None)
-    if st is None:
-        st = _LOCAL.stack = []
-    return st
+class _SiteMode(TorchFunctionMode):
+    """Entered while one site module runs: hands watched calls to that site's token."""
+
+    def __init__(self, tok: "_Install"):
+        super().__init__()
+        self.tok = tok
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in WATCHED:
+            stack = self.tok.gate.stack
+            if stack and stack[-1] is self.tok:  # an outer site's mode sees an inner site's call too
+                _dispatch(self.tok, func, args, kwargs)
+        return out
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing()
-
-
-def _dispatch(kind: str, args: tuple, kwargs: dict) -> None:
-    """Hand one intercepted call to the innermost site on this thread's stack (never raises)."""
-    if not torch.is_grad_enabled() or _compiling():
-        return
-    stack = getattr(_LOCAL, "stack", None)
-    if not stack or getattr(_LOCAL, "busy", False):
+def _dispatch(tok: "_Install", func: Any, args: tuple, kwargs: dict) -> None:
+    """Hand one watched call to ``tok``: the first attention call of a training forward per step."""
+    if not torch.is_grad_enabled() or not tok.wants(WATCHED[func][0]):
         return
     try:
-        top = stack[-1].module
-        targets = []
-        for tok in reversed(stack):
-            if tok.module is not top:
-                break
-            if tok.wants(kind):
-                targets.append(tok)
-        if not targets:
-            return
-        _LOCAL.busy = True
-        try:
-            for tok in targets:
-                tok.done = True
-                try:
-                    logits = _logits_of_call(kind, args, kwargs, tok.max_batch)
-                except Exception as exc:  # noqa: BLE001 - a site failure never reaches the forward; the site warns once
-                    tok.site._warn(exc)
-                    continue
-                if logits is not None:
-                    tok.deliver(logits)
-        finally:
-            _LOCAL.busy = False
-    except Exception:  # noqa: BLE001 - belt and braces: never raise into the user's forward; logged once per thread
-        if not getattr(_LOCAL, "warned", False):
-            _LOCAL.warned = True
-            _log.warning("seismo: attention call interception failed; the call ran unchanged", exc_info=True)
-
-
-class _FunctionPatch:
-    """Reference-counted, reversible replacement of one ``torch.nn.functional`` attribute."""
-
-    def __init__(self, kind: str, attr: str):
-        self.kind = kind
-        self.attr = attr
-        self._lock = threading.Lock()
-        self._users = 0
-        self._original: Callable | None = None
-        self._wrapper: Callable | None = None
-
-    @property
-    def installed(self) -> bool:
-        return self._wrapper is not None and getattr(F, self.attr, None) is self._wrapper
-
-    def acquire(self) -> None:
-        with self._lock:
-            if self._users == 0:
-                original = getattr(F, self.attr)
-                self._original = original
-                self._wrapper = self._make_wrapper(original)
-                setattr(F, self.attr, self._wrapper)
-            self._users += 1
-
-    def release(self) -> None:
-        with self._lock:
-            if self._users == 0:
-                return
-            self._users -= 1
-            if self._users == 0:
-                if getattr(F, self.attr, None) is self._wrapper:
-                    setattr(F, self.attr, self._original)
-                self._wrapper = None
-                self._original = None
-
-    def _make_wrapper(self, original: Callable) -> Callable:
-        patch, kind = self, self.kind
-
-        @functools.wraps(original)
-        def wrapper(*args, **kwargs):
-            out = original(*args, **kwargs)
-            if patch._wrapper is wrapper:  # a stale wrapper (someone patched on top) only forwards
-                _dispatch(kind, args, kwargs)
-            return out
-
-        wrapper.__seismo_original__ = original  # type: ignore[attr-defined]
-        return wrapper
-
-
-_PATCHES = {
-    "sdpa": _FunctionPatch("sdpa", "scaled_dot_product_attention"),
-    "softmax": _FunctionPatch("softmax", "softmax"),
-}
+        logits = _logits_of_call(func, args, kwargs, tok.max_batch)
+    except Exception as exc:  # noqa: BLE001 - a site failure never reaches the forward; the site warns once
+        tok.done = True
+        tok.site._warn(exc)
+        return
+    if logits is not None:
+        tok.done = True
+        tok.deliver(logits)
 
 
 def is_intercepting(kind: str = "sdpa") -> bool:
-    """True while seismo's wrapper replaces ``F.scaled_dot_product_attention`` (``"sdpa"``) or
-    ``F.softmax`` (``"softmax"``)."""
-    return _PATCHES[kind].installed
+    """True while a seismo observation mode is on this thread's torch-function mode stack (any
+    ``kind``: one mode sees SDPA and softmax calls)."""
+    del kind
+    from seismo.monitor.attention.discovery import _DiscoveryMode  # cycle-free: discovery imports this module
+
+    return any(isinstance(m, (_SiteMode, _DiscoveryMode)) for m in _get_current_function_mode_stack())
 
 
 class _Install:
-    """One arming of one site: its callback, subsample size and the calls it wants."""
+    """One site installed by one probe: its callback, subsample size, the calls it wants, its
+    mode and whether it has delivered this step."""
 
-    def __init__(self, site: Any, callback: LogitsCallback, max_batch: int, kinds: frozenset):
+    def __init__(self, site: Any, callback: LogitsCallback, max_batch: int, kinds: frozenset, gate: Gate):
         self.site = site
         self.module = site.module
         self.callback = callback
         self.max_batch = max(1, int(max_batch))
         self.kinds = kinds
+        self.gate = gate
         self.active = True
         self.done = False
+        self.mode = _SiteMode(self)
 
     def wants(self, kind: str) -> bool:
         return self.active and not self.done and kind in self.kinds
@@ -192,19 +170,17 @@ class _Install:
 
 
 class _Handle:
-    def __init__(self, tok: _Install, hooks: list, patches: list[_FunctionPatch]):
+    def __init__(self, tok: _Install, hooks: list):
         self._tok = tok
         self._hooks = hooks
-        self._patches = patches
 
     def remove(self) -> None:
-        self._tok.active = False
+        tok = self._tok
+        tok.active = False
         hooks, self._hooks = self._hooks, []
         for h in hooks:
             h.remove()  # torch's RemovableHandle: idempotent, never raises
-        patches, self._patches = self._patches, []
-        for p in patches:
-            p.release()
-        st = getattr(_LOCAL, "stack", None)
-        if st:
-            st[:] = [t for t in st if t is not self._tok]
+        if tok in tok.gate.tokens:
+            tok.gate.tokens.remove(tok)
+        if tok in tok.gate.stack:
+            tok.gate.stack.remove(tok)

@@ -6,17 +6,22 @@
   heads of the per-head mean. Entropy collapse precedes divergence (Zhai et al. 2023,
   arXiv 2303.06296).
 
-The logits come from attention *sites* (:mod:`~seismo.monitor.attention.sites`), installed on
-tracked steps only.
+The logits come from attention *sites* (:mod:`~seismo.monitor.attention.sites`), found by
+watching the first forward (:mod:`~seismo.monitor.attention.discovery`) and read on tracked steps.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+import torch.nn as nn
 from torch import Tensor
 
-from seismo.monitor.attention.interception import LogitsCallback
-from seismo.monitor.attention.sites import AttentionSite, find_attention_sites
+from seismo.monitor.attention.discovery import AttentionDiscovery
+from seismo.monitor.attention.interception import Gate, LogitsCallback
+from seismo.monitor.attention.sites import AttentionSite, MHASite, ObservedSite
+from seismo.monitor.attention.tap import find_tap_sites
 from seismo.monitor.probe import HookedProbe, ProbeContext, ProbeFailure
 from seismo.monitor.tracking import Schedule
 
@@ -49,8 +54,15 @@ def attention_stats(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 class AttentionProbe(HookedProbe):
     """Attention max-logit and entropy per attention module, from the first ``max_batch`` sequences.
 
-    ``sites``: the attention sites to read (default: found in the model, see
-    :func:`~seismo.monitor.attention.sites.find_attention_sites`).
+    ``sites``: the attention sites to read. By default: the model's attention taps
+    (:class:`~seismo.monitor.attention.tap.AttentionLogitTap`) if it has any; otherwise its
+    ``nn.MultiheadAttention`` modules plus the modules seen computing attention in the first
+    forward (:class:`~seismo.monitor.attention.discovery.AttentionDiscovery`), which is recorded
+    too. A model with no attention at all disables the probe (one warning) after that forward.
+
+    Sites are installed once and read on tracked steps only (their hooks test a :class:`Gate`), so
+    ``torch.compile`` compiles one graph for tracked and one for untracked steps and never
+    recompiles because of this probe.
     """
 
     def __init__(self, name: str = "attn", schedule: Schedule | None = None, max_batch: int = 2, sites: list[AttentionSite] | None = None):
@@ -59,19 +71,68 @@ class AttentionProbe(HookedProbe):
         super().__init__(name, schedule)
         self.max_batch = max_batch
         self.sites = sites
+        self.gate = Gate()
+        self._per_step: list[AttentionSite] = []
+        self._discovery: AttentionDiscovery | None = None
 
     def setup(self, ctx: ProbeContext) -> None:
+        self.gate = Gate()
+        self._on_error = ctx.on_error
         if self.sites is None:
-            self.sites = find_attention_sites(ctx.model)
+            taps = find_tap_sites(ctx.model)
+            if taps:
+                self.sites = list(taps)
+            else:
+                self.sites = [MHASite(n or "<root>", m) for n, m in ctx.model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+                self._discovery = AttentionDiscovery(
+                    ctx.model, self.guard(self._discovered), self.guard(self._deliver), self.max_batch,
+                    ignore=tuple(s.module for s in self.sites),
+                )
+        elif not self.sites:
+            raise ProbeFailure("sites=[] names no attention site")
+        for site in self.sites:
+            self._attach(site)
+
+    def _attach(self, site: AttentionSite) -> None:
+        if "gate" in inspect.signature(site.install).parameters:
+            self.hooks.add(site.install(self.guard(self._make_cb(site.name)), self.max_batch, gate=self.gate))
+        else:
+            self._per_step.append(site)  # a custom site without a gate: installed on tracked steps only
+
+    def _discovered(self, found: list) -> None:
+        self._discovery = None
+        for name, module, kinds in found:
+            site = ObservedSite(name, module, kinds)
+            self.sites.append(site)
+            self._attach(site)
         if not self.sites:
             raise ProbeFailure(
-                "found no attention module in the model (looked for attention taps, nn.MultiheadAttention, "
-                "Hugging Face attention and scaled_dot_product_attention callers)"
+                "found no attention in the model's first forward (looked for attention taps, nn.MultiheadAttention, and "
+                "scaled_dot_product_attention / softmax over (batch, heads, queries, keys) scores; fused kernels such as "
+                "flash or flex attention cannot be observed: use attn_implementation='sdpa' or 'eager')"
             )
 
+    def _deliver(self, name: str, logits: Tensor) -> None:
+        self._make_cb(name)(logits)
+
     def install(self, step: int) -> None:
-        for site in self.sites:
+        self.gate.arm()
+        if self._discovery is not None:
+            self._discovery.start()
+        for site in self._per_step:
             self.step_hooks.add(site.install(self.guard(self._make_cb(site.name)), self.max_batch))
+
+    def release(self, step: int) -> None:
+        self.gate.disarm()
+        if self._discovery is not None:
+            self._discovery.stop()  # no forward ran: discovery waits for the next tracked step
+        super().release(step)
+
+    def detach(self) -> None:
+        if self._discovery is not None:
+            self._discovery.stop()
+        self.gate.disarm()
+        super().detach()
 
     def _make_cb(self, name: str) -> LogitsCallback:
         key = f"attn/logit_max/{name}"

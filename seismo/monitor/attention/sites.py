@@ -2,12 +2,15 @@
 
 A site hands the probe logits ``(b, nh, Tq, Tk)`` (float32, masked positions at ``-inf``) for the
 first ``max_batch`` sequences of a training forward (autograd enabled; ``no_grad`` evaluation
-passes are skipped). :func:`find_attention_sites` returns TinyGPT-style taps
-(:mod:`~seismo.monitor.attention.tap`) when the model has them, else one generic site per
-attention module: :class:`MHASite` (``nn.MultiheadAttention``, recomputed from its inputs),
-:class:`HFAttentionSite` (Hugging Face attention: its SDPA call or its eager softmax input) and
-:class:`SDPASite` (any module whose class calls ``F.scaled_dot_product_attention``). Nothing here
-changes what the model computes. The design and its trade-offs are in docs/MONITOR.md.
+passes are skipped). Site kinds: :class:`MHASite` (``nn.MultiheadAttention``, recomputed from its
+inputs), :class:`ObservedSite` (a module seen computing attention by
+:mod:`~seismo.monitor.attention.discovery`: the probe's default), :class:`HFAttentionSite`
+(Hugging Face attention: its SDPA call or its eager softmax input) and :class:`SDPASite` (SDPA
+calls only). The last three read the module's calls through a ``TorchFunctionMode``
+(:mod:`~seismo.monitor.attention.interception`). :func:`find_attention_sites` /
+:func:`find_generic_sites` find sites *statically* (taps by type, classes by source text), for
+callers that want sites before any forward. Nothing here changes what the model computes. The
+design and its trade-offs are in docs/MONITOR.md.
 """
 
 from __future__ import annotations
@@ -21,27 +24,20 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from seismo.monitor.attention.interception import (
-    _LOCAL,
-    _PATCHES,
-    LogitsCallback,
-    _bind,
-    _compiling,
-    _FunctionPatch,
-    _Handle,
-    _Install,
-    _stack,
-)
+from seismo.monitor.attention.interception import Gate, LogitsCallback, _bind, _Handle, _Install
 from seismo.monitor.attention.logits import mha_logits
 from seismo.monitor.attention.tap import find_tap_sites
 
-__all__ = ["AttentionSite", "find_attention_sites", "find_generic_sites", "MHASite", "SDPASite", "HFAttentionSite"]
+__all__ = ["AttentionSite", "find_attention_sites", "find_generic_sites", "MHASite", "SDPASite", "HFAttentionSite", "ObservedSite"]
 
 
 class AttentionSite(Protocol):
-    """One attention module. ``install`` starts delivering logits to ``callback``; it returns a
+    """One attention module. ``install`` starts delivering logits to ``callback`` and returns a
     handle with ``remove()``. A site delivers logits of training forwards only (autograd enabled),
-    not of evaluation passes under ``no_grad``."""
+    not of evaluation passes under ``no_grad``. Built-in sites also take ``gate``
+    (:class:`~seismo.monitor.attention.interception.Gate`): installed once, they deliver only while
+    ``gate.on``; a site whose ``install`` has no ``gate`` parameter is installed on every tracked
+    step and removed after it (which makes ``torch.compile`` recompile)."""
 
     name: str
 
@@ -55,7 +51,8 @@ def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
 
 
 class _ModuleSite:
-    """A site bound to one module; pushes itself on the per-thread stack during its forward."""
+    """A site bound to one module: a forward pre-hook and an ``always_call`` forward hook,
+    registered once, that do something only while the gate is on (a tracked step)."""
 
     kinds: frozenset = frozenset()
 
@@ -79,45 +76,36 @@ class _ModuleSite:
     def _on_forward(self, tok: _Install, args: tuple, kwargs: dict) -> None:
         """Called by the pre-hook of a training forward (for sites that work from the inputs)."""
 
-    def install(self, callback: LogitsCallback, max_batch: int) -> _Handle:
-        tok = _Install(self, callback, max_batch, self._install_kinds())
+    def install(self, callback: LogitsCallback, max_batch: int, gate: Gate | None = None) -> _Handle:
+        """Deliver logits to ``callback`` while ``gate.on`` (always, without a gate) until the
+        returned handle is removed. The hooks stay registered: ``torch.compile`` does not recompile."""
+        gate = Gate(on=True) if gate is None else gate
+        tok = _Install(self, callback, max_batch, self._install_kinds(), gate)
 
         def pre(module, args, kwargs):
-            try:
-                if not tok.active or _compiling():
-                    return None
-                if not tok.done and torch.is_grad_enabled():
-                    _LOCAL.busy = True
-                    try:
-                        self._on_forward(tok, args, kwargs)
-                    finally:
-                        _LOCAL.busy = False
-                _stack().append(tok)
-            except Exception as exc:  # noqa: BLE001 - a site failure never reaches the forward; warned once
-                self._warn(exc)
+            if not gate.on or tok.done or not tok.active or not torch.is_grad_enabled():
+                return None
+            self._on_forward(tok, args, kwargs)
+            if tok.kinds and not tok.done:
+                gate.stack.append(tok)
+                tok.mode.__enter__()
             return None
 
         def post(module, args, output):
-            st = _stack()
-            for i in range(len(st) - 1, -1, -1):
-                if st[i] is tok:
-                    del st[i]
-                    break
+            if gate.stack and gate.stack[-1] is tok:
+                gate.stack.pop()
+                tok.mode.__exit__(None, None, None)
             return None
 
         hooks = []
-        patches: list[_FunctionPatch] = []
         try:
             hooks.append(self.module.register_forward_pre_hook(pre, with_kwargs=True))
             hooks.append(self.module.register_forward_hook(post, always_call=True))
-            for kind in sorted(tok.kinds):
-                patch = _PATCHES[kind]
-                patch.acquire()
-                patches.append(patch)
         except BaseException:
-            _Handle(tok, hooks, patches).remove()
+            _Handle(tok, hooks).remove()
             raise
-        return _Handle(tok, hooks, patches)
+        gate.tokens.append(tok)
+        return _Handle(tok, hooks)
 
 
 class MHASite(_ModuleSite):
@@ -145,10 +133,20 @@ class MHASite(_ModuleSite):
 
 
 class SDPASite(_ModuleSite):
-    """A module calling ``F.scaled_dot_product_attention``: its calls are intercepted on tracked
-    steps and the logits recomputed from the call's query/key/mask."""
+    """A module calling ``scaled_dot_product_attention`` (under any name): its first call of a
+    tracked training forward is observed and the logits recomputed from the call's query/key/mask."""
 
     kinds = frozenset({"sdpa"})
+
+
+class ObservedSite(_ModuleSite):
+    """A module seen computing attention (``scaled_dot_product_attention``, or softmax over the
+    last dimension of 4-D scores) in a forward: its first such call of a tracked training forward
+    gives the logits."""
+
+    def __init__(self, name: str, module: nn.Module, kinds: Iterable[str] = ("sdpa", "softmax")):
+        super().__init__(name, module)
+        self.kinds = frozenset(kinds)
 
 
 class HFAttentionSite(_ModuleSite):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
-from seismo.monitor.attention.interception import LogitsCallback
+from seismo.monitor.attention.interception import Gate, LogitsCallback
 
 __all__ = ["AttentionLogitTap", "TapSite", "find_tap_sites"]
 
@@ -25,14 +25,19 @@ class AttentionLogitTap(nn.Module):
     without gradient, scaled exactly as the attention scales them, and with masked (future)
     positions set to ``-inf``. ``in_training_step`` is True when the attention ran with autograd
     enabled (a training forward) rather than under ``no_grad`` (evaluation). Nothing is computed
-    while no hook is registered.
+    while no hook is registered, nor, while seismo's own hook is the only one, on steps seismo does
+    not track (its gate is off: ``torch.compile`` keeps one graph for each case).
     """
 
     def __init__(self, max_batch: int = 4):
         super().__init__()
         self.max_batch = max_batch
+        self.seismo_gate: Gate | None = None
 
     def observed(self) -> bool:
+        gate = self.seismo_gate
+        if gate is not None and len(self._forward_hooks) == 1 and not self._forward_pre_hooks:
+            return gate.on
         return bool(self._forward_hooks) or bool(self._forward_pre_hooks)
 
     def forward(self, logits: Tensor, in_training_step: bool = True) -> Tensor:
@@ -46,14 +51,27 @@ class TapSite:
         self.name = name
         self.tap = tap
 
-    def install(self, callback: LogitsCallback, max_batch: int):
+    def install(self, callback: LogitsCallback, max_batch: int, gate: Gate | None = None) -> "_TapHandle":
+        """Deliver the tap's logits to ``callback`` while ``gate.on`` (always, without a gate)."""
+        gate = Gate(on=True) if gate is None else gate
         self.tap.max_batch = max_batch
 
         def hook(mod, inputs, output):
-            if len(inputs) < 2 or inputs[1]:
+            if gate.on and (len(inputs) < 2 or inputs[1]):
                 callback(inputs[0])
 
-        return self.tap.register_forward_hook(hook)
+        handle = _TapHandle(self.tap, self.tap.register_forward_hook(hook))
+        self.tap.seismo_gate = gate
+        return handle
+
+
+class _TapHandle:
+    def __init__(self, tap: AttentionLogitTap, hook):
+        self.tap, self.hook = tap, hook
+
+    def remove(self) -> None:
+        self.hook.remove()
+        self.tap.seismo_gate = None
 
 
 def find_tap_sites(model: nn.Module) -> list[TapSite]:
