@@ -15,6 +15,8 @@ imported only when a factory is called. Each factory returns the library's optim
 * :func:`orthograd`: perp-Grad wrapper, Prieto et al. 2025 (arXiv 2501.04697); see also
   :func:`seismo.mitigate.transforms.orthogonalize`.
 * :func:`reset_moments`: zero the moment buffers of any optimizer after a spike.
+* :func:`adam_atan2` / :class:`AdamAtan2`: Adam-atan2, Everett et al. 2024 (arXiv 2407.05872),
+  seismo's own implementation (pytorch-optimizer has none): no epsilon.
 
 Deviations from the papers / official code, and what seismo does about them
 (tests in tests/mitigate/test_optimizers.py check each against a hand-written reference):
@@ -84,7 +86,7 @@ import torch
 
 __all__ = [
     "PAPER_DEFAULTS", "MOMENT_KEYS", "spam", "stable_spam", "adabelief", "adamp", "diffgrad", "lamb",
-    "orthograd", "reset_moments", "spam_warmup_multiplier", "spam_threshold_for_beta2",
+    "orthograd", "reset_moments", "spam_warmup_multiplier", "spam_threshold_for_beta2", "AdamAtan2", "adam_atan2",
 ]
 
 _ro = types.MappingProxyType
@@ -260,3 +262,60 @@ def reset_moments(optimizer: torch.optim.Optimizer, keys: Iterable[str] = MOMENT
                     v.zero_()
                     zeroed += 1
     return zeroed
+
+
+class AdamAtan2(torch.optim.Optimizer):
+    """Adam-atan2: Adam whose ``m_hat / (sqrt(v_hat) + eps)`` is replaced by ``a * atan2(m_hat, b * sqrt(v_hat))``.
+
+    Everett et al. 2024, "Scaling Exponents Across Parameterizations and Optimizers" (arXiv 2407.05872,
+    section 3.3, a = 1.27, b = 1): atan2 is bounded by pi/2 and behaves like ``m / (b sqrt(v))`` for
+    small ratios, so there is no epsilon to tune, and a coordinate with ``v = 0`` (never seen a
+    gradient) gets a bounded update instead of ``m / eps``. Per step, per coordinate, with decoupled
+    weight decay as in AdamW::
+
+        p <- p (1 - lr * weight_decay)
+        m <- beta1 m + (1 - beta1) g;   v <- beta2 v + (1 - beta2) g^2
+        p <- p - lr * a * atan2(m / (1 - beta1^t), b * sqrt(v / (1 - beta2^t)))
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
+                 a: float = 1.27, b: float = 1.0):
+        if not lr >= 0 or not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0 or weight_decay < 0 or a <= 0 or b <= 0:
+            raise ValueError(f"AdamAtan2: need lr >= 0, 0 <= betas < 1, weight_decay >= 0, a > 0, b > 0; got "
+                             f"lr={lr}, betas={betas}, weight_decay={weight_decay}, a={a}, b={b}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, a=a, b=b))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, wd, a, b = group["lr"], group["weight_decay"], group["a"], group["b"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamAtan2 does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = state["step"]
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                if wd:
+                    p.mul_(1.0 - lr * wd)
+                m.lerp_(p.grad, 1.0 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+                den = (v / (1.0 - beta2 ** t)).sqrt_().mul_(b)
+                p.add_(torch.atan2(m / (1.0 - beta1 ** t), den), alpha=-lr * a)
+        return loss
+
+
+def adam_atan2(params, **kw) -> torch.optim.Optimizer:
+    """Adam-atan2 (Everett et al. 2024, arXiv 2407.05872) with the paper's a = 1.27, b = 1; see :class:`AdamAtan2`."""
+    return AdamAtan2(params, **kw)

@@ -41,9 +41,9 @@ __all__ = [
     "GradientTransform", "TransformHandle", "REGISTRY", "STATE_DICT_KEY",
     "chain", "attach", "state_of", "measured", "global_norm",
     "clip_by_global_norm", "clip_by_value", "clip_per_coordinate", "adaptive_gradient_clipping",
-    "zscore_norm_clip", "skip_if_nonfinite", "orthogonalize", "measure",
+    "zscore_norm_clip", "skip_if_nonfinite", "orthogonalize", "measure", "adagc", "zclip",
     "ChainState", "ClipState", "PerCoordinateClipState", "AGCState", "ZScoreClipState",
-    "SkipNonFiniteState", "OrthogonalizeState", "MeasureState",
+    "SkipNonFiniteState", "OrthogonalizeState", "MeasureState", "AdaGCState", "ZClipState",
 ]
 
 #: Top-level key under which :func:`attach` stores transform states in ``optimizer.state_dict()``.
@@ -120,6 +120,38 @@ class ZScoreClipState(NamedTuple):
     history: Tensor
     filled: Tensor
     pos: Tensor
+    threshold: Tensor
+
+
+class AdaGCState(NamedTuple):
+    """State of :func:`adagc`.
+
+    count: updates seen. clipped: updates in which at least one tensor was clipped.
+    last_clipped: number of parameter tensors clipped in the latest update.
+    gamma: per parameter, the 0-d EMA of its clipped gradient norm (the paper's gamma_{t,i}).
+    """
+
+    count: Tensor
+    clipped: Tensor
+    last_clipped: Tensor
+    gamma: tuple[Tensor, ...]
+
+
+class ZClipState(NamedTuple):
+    """State of :func:`zclip`.
+
+    count: updates seen. clipped: updates whose global norm was clipped.
+    warm: the finite norms of the warm-up (shape ``(warmup,)``, first ``filled`` valid).
+    filled: warm-up norms collected. mean, var: the EMA statistics (valid once ``filled == warmup``).
+    threshold: the norm clipped to in the latest update (``inf`` if not clipped).
+    """
+
+    count: Tensor
+    clipped: Tensor
+    warm: Tensor
+    filled: Tensor
+    mean: Tensor
+    var: Tensor
     threshold: Tensor
 
 
@@ -484,6 +516,125 @@ def measure(name: str = "grad_norm") -> GradientTransform:
     return GradientTransform(init, update, name)
 
 
+def adagc(
+    lambda_rel: float = 1.05, beta: float = 0.98, warmup: int = 100, lambda_abs: float = 1.0, eps: float = 1e-8,
+    *, name: str = "adagc",
+) -> GradientTransform:
+    """AdaGC: per-tensor adaptive gradient clipping against an EMA of the tensor's own clipped norm.
+
+    Wang et al. 2025, "AdaGC: Improving Training Stability for Large Language Model Pretraining"
+    (arXiv 2502.11034, Algorithm 1). For each parameter tensor i at update t (t = updates seen):
+
+    * warm-up (``t < warmup``): global-norm clipping to ``lambda_abs``,
+      ``g_hat_i = min(1, lambda_abs / (||g|| + eps)) g_i`` (``||g||`` the global norm), and
+      ``gamma_i <- min(gamma_i, ||g_hat_i||)`` (``gamma_i = ||g_hat_1||`` at the first update);
+    * afterwards: ``h_i = min(1, lambda_rel * max(gamma_i, eps) / max(||g_i||, eps))``,
+      ``g_hat_i = h_i g_i`` and ``gamma_i <- beta gamma_i + (1 - beta) ||g_hat_i||``.
+
+    Defaults are the paper's (lambda_rel 1.05, beta 0.98, T_start 100, lambda_abs 1.0). The same rule
+    as pytorch-optimizer's ``AdaGC`` optimizer (which fuses it into Adam); here it is a transform for
+    any optimizer. A non-finite norm leaves ``gamma_i`` unchanged.
+    """
+    if lambda_rel <= 0 or lambda_abs <= 0 or not 0.0 <= beta < 1.0 or warmup < 0 or eps <= 0:
+        raise ValueError(f"need lambda_rel > 0, lambda_abs > 0, 0 <= beta < 1, warmup >= 0, eps > 0; got "
+                         f"{lambda_rel}, {lambda_abs}, {beta}, {warmup}, {eps}")
+
+    def init(params: list[Tensor]) -> AdaGCState:
+        dev = _device(params)
+        gamma = tuple(torch.zeros((), dtype=_wide(p.dtype), device=p.device) for p in params)
+        return AdaGCState(_counter(dev), _counter(dev), _counter(dev), gamma)
+
+    def update(grads, state: AdaGCState, params):
+        t = state.count
+        warming = t < warmup
+        gnorm = global_norm(grads)
+        warm_scale = torch.clamp(lambda_abs / (gnorm + eps), max=1.0)
+        out, gammas, hits = [], [], []
+        for g, gamma in zip(grads, state.gamma, strict=True):
+            dtype = gamma.dtype
+            n = torch.linalg.vector_norm(g, dtype=dtype)
+            rel = torch.clamp(lambda_rel * gamma.clamp_min(eps) / n.clamp_min(eps), max=1.0)
+            h = torch.where(warming, warm_scale.to(dtype), rel)
+            g_hat = (g.to(dtype) * h).to(g.dtype)
+            n_hat = n * h
+            new_gamma = torch.where(warming, torch.where(t == 0, n_hat, torch.minimum(gamma, n_hat)),
+                                    beta * gamma + (1.0 - beta) * n_hat)
+            gammas.append(torch.where(torch.isfinite(n_hat), new_gamma, gamma))
+            out.append(g_hat)
+            hits.append(h < 1.0)
+        n_hit = torch.stack(hits).sum() if hits else _counter(t.device)
+        return out, AdaGCState(t + 1, state.clipped + (n_hit > 0).long(), n_hit, tuple(gammas))
+
+    return GradientTransform(init, update, name)
+
+
+def zclip(
+    alpha: float = 0.97, z_thresh: float = 2.5, warmup: int = 25, eps: float = 1e-6, max_norm: float | None = None,
+    *, name: str = "zclip",
+) -> GradientTransform:
+    """ZClip: clip the global grad norm when its z-score against EMA statistics exceeds ``z_thresh``.
+
+    Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training" (arXiv 2504.02507),
+    following the official code (bluorion-com/ZClip ``zclip/zclip.py``, mode ``zscore``,
+    clip_option ``adaptive_scaling``):
+
+    * warm-up: the first ``warmup`` (25) finite norms are collected, not clipped by ZClip; then
+      ``mean`` and ``var`` (population variance) of those norms start the EMAs;
+    * afterwards, with ``std = sqrt(var)`` and ``z = (norm - mean) / (std + eps)``: if ``z > z_thresh``
+      the norm is clipped to ``mean + z_thresh * std / (z / z_thresh)`` (a larger outlier is clipped
+      harder), gradients scaled by ``threshold / (norm + 1e-6)``;
+    * the EMAs are updated with the clipped norm (the norm itself if not clipped):
+      ``mean <- alpha mean + (1 - alpha) x`` then ``var <- alpha var + (1 - alpha) (x - mean)^2`` with
+      the *new* mean, as in the official code; a non-finite norm updates nothing.
+
+    ``max_norm``: an optional fixed cap on top (the official code's ``max_grad_norm``, default 1.0
+    there and also applied during warm-up); seismo defaults to None so that ZClip composes with
+    :func:`clip_by_global_norm` in a :func:`chain`.
+    """
+    if not 0.0 < alpha < 1.0 or z_thresh <= 0 or warmup < 1 or eps <= 0 or (max_norm is not None and max_norm <= 0):
+        raise ValueError(f"need 0 < alpha < 1, z_thresh > 0, warmup >= 1, eps > 0, max_norm > 0 or None; got "
+                         f"{alpha}, {z_thresh}, {warmup}, {eps}, {max_norm}")
+    cap = math.inf if max_norm is None else float(max_norm)
+
+    def init(params: list[Tensor]) -> ZClipState:
+        dev, dtype = _device(params), _acc_dtype(params)
+        zero = torch.zeros((), dtype=dtype, device=dev)
+        return ZClipState(_counter(dev), _counter(dev), torch.zeros(warmup, dtype=dtype, device=dev), _counter(dev),
+                          zero, zero.clone(), torch.full((), math.inf, dtype=dtype, device=dev))
+
+    def update(grads, state: ZClipState, params):
+        w = state.warm
+        norm = global_norm(grads).to(w.dtype)
+        finite = torch.isfinite(norm)
+        ready = state.filled >= warmup
+        std = torch.sqrt(state.var)
+        z = (norm - state.mean) / (std + eps)
+        spike = ready & finite & (z > z_thresh)
+        adaptive = state.mean + z_thresh * std / torch.where(spike, z / z_thresh, 1.0)
+        thr = torch.minimum(torch.where(spike, adaptive, norm), torch.full_like(norm, cap))
+        outlier = finite & (norm > thr)
+        scale = torch.where(outlier, thr / (norm + 1e-6), 1.0)
+        out = [g * scale.to(g.dtype) for g in grads]
+        # warm-up: collect; on the step that fills the buffer, start the EMAs from it
+        idx = torch.arange(warmup, device=w.device)
+        collect = ~ready & finite
+        warm = torch.where((idx == state.filled) & collect, norm, w)
+        filled = state.filled + collect.long()
+        done_now = collect & (filled >= warmup)
+        w_mean = warm.mean()
+        w_var = ((warm - w_mean) ** 2).mean()
+        x = torch.where(spike, adaptive, norm)  # the official EMA input: the adaptive clip value, or the norm
+        ema_mean = alpha * state.mean + (1.0 - alpha) * x
+        ema_var = alpha * state.var + (1.0 - alpha) * (x - ema_mean) ** 2
+        upd = ready & finite
+        mean = torch.where(done_now, w_mean, torch.where(upd, ema_mean, state.mean))
+        var = torch.where(done_now, w_var, torch.where(upd, ema_var, state.var))
+        threshold = torch.where(outlier, thr, math.inf)
+        return out, ZClipState(state.count + 1, state.clipped + outlier.long(), warm, filled, mean, var, threshold)
+
+    return GradientTransform(init, update, name)
+
+
 #: Every transform factory, by name; each can be called with no arguments (the contract test does).
 REGISTRY: types.MappingProxyType = types.MappingProxyType({
     "clip_by_global_norm": clip_by_global_norm,
@@ -494,6 +645,8 @@ REGISTRY: types.MappingProxyType = types.MappingProxyType({
     "skip_if_nonfinite": skip_if_nonfinite,
     "orthogonalize": orthogonalize,
     "measure": measure,
+    "adagc": adagc,
+    "zclip": zclip,
 })
 
 
