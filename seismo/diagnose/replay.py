@@ -174,13 +174,19 @@ def _spike_flags(det: SpikeDetector, x: np.ndarray) -> np.ndarray:
     if len(x) <= w or w < max(det.min_history, det.recent, 3):
         return np.zeros(0, dtype=np.int64)
     rows = np.lib.stride_tricks.sliding_window_view(x[:-1], w)  # row j: x[j: j + w], judged against x[j + w]
-    level = median_rows(rows[:, -det.recent:])
+    lag = det.level_lag
+    level = median_rows(rows[:, w - det.recent - lag: w - lag])
     noise = diff_noise_rows(rows)
     scale = np.maximum(np.maximum(noise, det.noise_floor_rel * np.maximum(np.abs(level), 1e-12)), 1e-12)
     xi = x[w:]
+    denom = np.maximum(np.abs(level), 1e-12)
     z = (xi - level) / scale
-    rel = (xi - level) / np.maximum(np.abs(level), 1e-12)
-    return np.flatnonzero((z > det.z) & (rel > det.rel)) + w
+    rel = (xi - level) / denom
+    flag = (z > det.z) & (rel > det.rel)
+    if det.ramp_z is not None:  # the ramp rule (SpikeDetector._ramp), same arithmetic
+        m = np.minimum(np.minimum(x[w - 2:-2], x[w - 1:-1]), x[w:])
+        flag |= ((m - level) / scale > det.ramp_z) & ((m - level) / denom > det.rel)
+    return np.flatnonzero(flag) + w
 
 
 def _replay_spike(det: SpikeDetector, steps: np.ndarray, x: np.ndarray) -> list[tuple[int, Event]]:
@@ -194,6 +200,7 @@ def _replay_spike(det: SpikeDetector, steps: np.ndarray, x: np.ndarray) -> list[
             k = int(np.searchsorted(flags, i))
             j = int(flags[k]) if k < len(flags) else n
             det.window.values = deque(x_list[j - w: j], maxlen=w)
+            det.last3 = deque(x_list[max(j - 3, 0): j], maxlen=3)
             if j >= n:
                 break
             i = j

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Iterable, Mapping
 
 from seismo._stats import MAD_TO_SIGMA
@@ -54,6 +55,10 @@ class SpikeDetector:
     ``log``), ``peak_excess_noise`` (noise units), ``excess_area`` (sum of the excess over the
     episode so far) and ``steps_to_recover`` (None while it has not recovered).
 
+    With ``ramp_z``, a spike that builds over a few steps counts too: the last three observations
+    (accepted or not) all ``ramp_z`` noise units above the level. With ``level_lag`` the level is
+    taken ``level_lag`` accepted values back, so such a spike does not drag its baseline up.
+
     With ``module_prefix`` (e.g. ``grad/norm/``) the module whose own signal jumped most is named
     as responsible, and with ``module_z`` a module whose own signal jumps ``module_z`` noise units
     and ``module_ratio`` times above its own recent level is reported even when the global signal
@@ -64,7 +69,7 @@ class SpikeDetector:
                  z: float = 6.0, rel: float = 0.05, log: bool = False, min_history: int = 20, persist: int = 50,
                  divergence_kind: str | None = None, module_prefix: str | None = None, noise_floor_rel: float = 1e-3,
                  triage: bool = False, quick: int = 5, recover_z: float = 3.0,
-                 module_z: float | None = None, module_ratio: float = 5.0):
+                 module_z: float | None = None, module_ratio: float = 5.0, ramp_z: float | None = None, level_lag: int = 0):
         self.name = name or kind
         self.kind, self.signal = kind, signal
         self.z, self.rel, self.log, self.min_history, self.persist = z, rel, log, min_history, persist
@@ -73,6 +78,8 @@ class SpikeDetector:
         self.module_prefix = module_prefix
         self.triage, self.quick, self.recover_z = triage, quick, recover_z
         self.module_z, self.module_ratio = module_z, module_ratio
+        self.ramp_z, self.level_lag = ramp_z, level_lag
+        self.last3: deque[float] = deque(maxlen=3)  # the last three observations (accepted or not)
         self.window = RobustWindow(window)
         self.module_windows: dict[str, RobustWindow] = {}
         self.module_in_spike: dict[str, int] = {}
@@ -93,17 +100,20 @@ class SpikeDetector:
         if x is None or not math.isfinite(x):
             return []
         tx = self._t(x)
+        self.last3.append(tx)
         if self.triage and self.episode is not None:
             return self._continue_episode(step, x, tx)
         out: list[Event] = []
         spike = False
         if len(self.window) >= self.min_history:
-            level, noise = self.window.level_and_noise(self.recent)
+            level, noise = self.window.level_and_noise(self.recent, self.level_lag)
             scale = self._scale(level, noise)
             zscore = (tx - level) / scale
             raw_level = math.exp(level) if self.log else level
             rel = (x - raw_level) / max(abs(raw_level), 1e-12)
             spike = zscore > self.z and rel > self.rel
+            if not spike and self.ramp_z is not None and len(self.last3) == 3:
+                spike = self._ramp(level, scale)
         if spike and self.triage:
             self.episode = dict(onset=step, level=level, scale=scale, raw_level=raw_level, peak=x, peak_z=zscore,
                                 area=tx - level, n=1, warned=False)
@@ -135,6 +145,13 @@ class SpikeDetector:
             if local and not out:
                 out.append(local)
         return out
+
+    def _ramp(self, level: float, scale: float) -> bool:
+        """A spike that builds over a few steps: each of the last three observations is ``ramp_z``
+        noise units and ``rel`` above the level (the smallest of them decides, so one outlier among
+        them cannot trigger it)."""
+        m = min(self.last3[0], self.last3[1], self.last3[2])
+        return (m - level) / scale > self.ramp_z and (m - level) / max(abs(level), 1e-12) > self.rel
 
     def _divergence(self, step: int, x: float, raw_level: float) -> Event:
         return Event(self.divergence_kind or self.kind, "critical", step, "",
@@ -227,7 +244,7 @@ class SpikeDetector:
     def state_dict(self) -> dict:
         return {"window": self.window.state_dict(), "in_spike": self.in_spike, "episode": dict(self.episode) if self.episode else None,
                 "modules": {m: w.state_dict() for m, w in self.module_windows.items()},
-                "module_in_spike": dict(self.module_in_spike)}
+                "module_in_spike": dict(self.module_in_spike), "last3": list(self.last3)}
 
     def load_state_dict(self, state: dict) -> None:
         self.window.load_state_dict(state["window"])
@@ -239,3 +256,4 @@ class SpikeDetector:
             w.load_state_dict(s)
             self.module_windows[m] = w
         self.module_in_spike = {m: int(n) for m, n in state.get("module_in_spike", {}).items()}
+        self.last3 = deque(state.get("last3", []), maxlen=3)

@@ -38,12 +38,14 @@ class RobustWindow:
         mad = float(np.median(np.abs(a - med)))
         return med, mad
 
-    def level_and_noise(self, recent: int = 16) -> tuple[float, float]:
+    def level_and_noise(self, recent: int = 16, lag: int = 0) -> tuple[float, float]:
         """(level, noise): the median of the last ``recent`` values, and the noise scale
-        MAD_TO_SIGMA * MAD(first differences) / sqrt(2) over the whole window. Differencing removes a
+        MAD_TO_SIGMA * MAD(first differences) / sqrt(2) over the whole window. With ``lag`` the level
+        is the median of the ``recent`` values before the last ``lag`` (a spike that builds over a
+        few steps does not drag its own baseline up). Differencing removes a
         slow trend (a decaying loss), which would otherwise inflate the MAD and hide spikes."""
         a = np.fromiter(self.values, dtype=np.float64)
-        level = float(np.median(a[-recent:]))
+        level = float(np.median(a[-recent - lag: len(a) - lag] if len(a) > lag else a))
         if len(a) < 3:
             return level, 0.0
         d = np.diff(a)
