@@ -53,14 +53,15 @@ SIZE_ORDER = ("xxs", "xs", "s", "m", "l", "mlp64", "mlp200", "w32", "w64")
 
 # --- export: run store -> trials.json ------------------------------------------------------------------
 
-def export(store_path: str, preset: str, quick: bool) -> Path:
-    """Write the finished trials of ``preset`` in ``store_path`` to docs/reproductions/<preset>/trials.json
-    (one per intervention, size, LR and seed: the newest if a cell was run twice)."""
+def export(store_paths: str, preset: str, quick: bool) -> Path:
+    """Write the finished trials of ``preset`` in ``store_paths`` (one run store, or several separated
+    by commas) to docs/reproductions/<preset>/trials.json (one per intervention, size, LR and seed:
+    the newest of a store if a cell was run twice, the later store's if two stores have it)."""
     from seismo.proxy.sweep import load_sweep_results
     from seismo.proxy.sweep_presets import get_sweep_preset
 
     sweep = get_sweep_preset(preset, quick)
-    rows = sorted(load_sweep_results(store_path, sweep.name), key=lambda r: r["run_id"])
+    rows = [r for path in store_paths.split(",") for r in sorted(load_sweep_results(path, sweep.name), key=lambda r: r["run_id"])]
     cells: dict[tuple, dict] = {}
     for r in rows:
         cells[(r["intervention"], r["size"], float(r["lr"]), int(r["seed"]))] = {k: r.get(k) for k in FIELDS}
@@ -138,11 +139,11 @@ def fix(v: float, nd: int = 3) -> str:
 
 
 def spread(sp: Spread, nd: int = 3, f: Callable[[float], str] | None = None) -> str:
-    """mean ± std (min-max) over seeds."""
+    """mean ± std [min, max] over seeds."""
     f = f or (lambda v: fix(v, nd))
     if sp.n == 1:
         return f"{f(sp.mean)} (1 seed)"
-    return f"{f(sp.mean)} ± {f(sp.std)} ({f(sp.lo)}-{f(sp.hi)})"
+    return f"{f(sp.mean)} ± {f(sp.std)} [{f(sp.lo)}, {f(sp.hi)}]"
 
 
 def lr_str(lr: float) -> str:
@@ -460,7 +461,7 @@ def block_spam(d: dict) -> list[str]:
                             closer.setdefault(a, []).append(c)
             body.append([a, s] + [spread(g, f=lambda v: fix(v, 2)) if g else "n/a" for g in gaps])
     out += ["Final validation loss (capped at the initial loss) minus spike-free AdamW's, same size, LR and seed; "
-            "mean ± std (min-max) over seeds:", ""]
+            "mean ± std [min, max] over seeds:", ""]
     out += table(["run", "size"] + [f"LR {lr_str(lr)}" for lr in lrs], body)
     out.append("")
     for a in arms[1:]:
@@ -537,7 +538,8 @@ def check(doc: Path = DOC) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--write", action="store_true", help="regenerate the blocks of docs/REPRODUCTIONS.md in place")
-    ap.add_argument("--export", nargs=2, metavar=("STORE", "PRESET"), help="write PRESET's trials from STORE to its trials.json")
+    ap.add_argument("--export", nargs=2, metavar=("STORE", "PRESET"),
+                    help="write PRESET's trials from STORE (or STORE1,STORE2,...) to its trials.json")
     ap.add_argument("--run", nargs=2, metavar=("STORE", "PRESET"),
                     help="run PRESET over 3 seeds into STORE (resumable), then export it")
     ap.add_argument("--quick", action="store_true", help="with --export / --run: the preset's quick variant")
