@@ -17,10 +17,12 @@ from seismo.diagnose.detectors import (
 )
 from seismo.diagnose.engine import AlertPrinter, Diagnoser, Diagnosis, diagnose_history, diagnose_run
 from seismo.diagnose.playbook import PLAYBOOK, Mitigation, mitigations_for
+from seismo.diagnose.staleness import PreconditionerStalenessDetector
 from seismo.events import KINDS, Event
 
 __all__ = [
     "Event", "KINDS", "Detector", "SpikeDetector", "GrowthDetector", "LossRegressionDetector", "ThresholdDetector", "NonFiniteDetector",
     "AdamDecorrelationDetector", "EdgeOfStabilityDetector", "StallDetector", "default_detectors",
+    "PreconditionerStalenessDetector",
     "Diagnoser", "Diagnosis", "AlertPrinter", "diagnose_history", "diagnose_run", "PLAYBOOK", "Mitigation", "mitigations_for",
 ]

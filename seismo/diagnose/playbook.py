@@ -65,6 +65,13 @@ CHECK_DATA = Mitigation("check the batch", "look for corrupt or extreme samples 
 RAISE_LR = Mitigation("check the schedule",
                       "the learning rate or the update size may have decayed to nothing; raise it or shorten the decay", "", WORTSMAN)
 
+RESET_MOMENTS = Mitigation("reset Adam's moments", "zero exp_avg / exp_avg_sq once (with a short lr warm-up after it)",
+                          "seismo.mitigate.optimizers.reset_moments", "Huang et al. 2025 (SPAM), arXiv 2501.06842")
+LOWER_BETA2 = Mitigation("lower beta2", "use beta2 = 0.95 so the second moment forgets a spike in ~20 steps instead of ~1000",
+                         "", "arXiv 2506.04805; " + WORTSMAN)
+ADAGC = Mitigation("AdaGC", "clip each tensor's gradient to 1.05x its running norm, so spikes never enter v",
+                   "seismo.mitigate.transforms.adagc", "Wang et al. 2025, arXiv 2502.11034")
+
 PLAYBOOK: dict[str, list[Mitigation]] = {
     "attention_logit_growth": [QKNORM, SIGMA, LOWER_LR, COSINE, WARMUP],
     "attention_entropy_collapse": [SIGMA, QKNORM, LOWER_LR, WARMUP],
@@ -82,6 +89,7 @@ PLAYBOOK: dict[str, list[Mitigation]] = {
     "gradient_variance_extreme": [SLW, CLIP, LOWER_LR],
     "activation_growth": [PERI, RESPOST, LOWER_LR],
     "stall": [RAISE_LR, SMALL_EPS],
+    "preconditioner_staleness": [RESET_MOMENTS, LOWER_BETA2, ADAGC],
 }
 
 #: A plain-language cause per kind, used by ``seismo diagnose``.
@@ -103,12 +111,14 @@ CAUSES: dict[str, str] = {
     "gradient_variance_extreme": "Adam's gradient-variance estimate hit an extreme value (Li 2022)",
     "activation_growth": "residual-stream activations grew by orders of magnitude (massive activations)",
     "stall": "training stalled: the loss is flat while the updates vanished",
+    "preconditioner_staleness": "Adam's second moment still holds old large gradients, so current updates are damped (arXiv 2506.04805)",
 }
 
 #: Root-cause priority when several kinds fire: upstream mechanisms first, symptoms last.
 PRIORITY = [
     "attention_logit_growth", "attention_entropy_collapse", "output_logit_divergence", "softmax_collapse",
-    "adam_decorrelation", "epsilon_regime", "edge_of_stability", "gradient_variance_extreme", "activation_growth",
+    "adam_decorrelation", "epsilon_regime", "preconditioner_staleness", "edge_of_stability", "gradient_variance_extreme",
+    "activation_growth",
     "update_spike", "grad_spike", "nonfinite", "loss_divergence", "loss_regression", "loss_spike", "stall",
 ]
 
