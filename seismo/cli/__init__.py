@@ -11,6 +11,7 @@ Commands (one module each in this package):
 * ``seismo presets``   list the training presets
 * ``seismo report``    a self-contained HTML report of runs (overlaid) or of a sweep
 * ``seismo watch``     a live, read-only terminal view of a run another process is writing
+* ``seismo autopsy``   replay the steps before a loss spike several ways and say what caused it
 
 Every command reports bad input as one line naming the field, ``seismo: error: ...``, with exit
 status 2; a failure at run time is one line with exit status 1. ``--debug`` (or
@@ -28,6 +29,7 @@ import sys
 from typing import Sequence
 
 from seismo.cli._common import CLIError, Subcommand
+from seismo.cli.autopsy_cmd import Autopsy
 from seismo.cli.demo import Demo
 from seismo.cli.diagnose import Diagnose
 from seismo.cli.import_cmd import Import
@@ -42,7 +44,7 @@ from seismo.store import StoreError
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "Subcommand", "CLIError"]
 
-SUBCOMMANDS: tuple[type[Subcommand], ...] = (Demo, Train, Sweep, Runs, Diagnose, Import, Presets, Report, Watch)
+SUBCOMMANDS: tuple[type[Subcommand], ...] = (Demo, Train, Sweep, Runs, Diagnose, Import, Presets, Report, Watch, Autopsy)
 
 _INPUT_ERRORS = (ConfigError, StoreError, CLIError)
 

@@ -33,7 +33,7 @@ __all__ = ["REQUIRED_KEYS", "RESUMABLE_CHANGES", "check_resume_checkpoint", "loa
 
 REQUIRED_KEYS = ("step", "model", "optim", "rng", "losses", "val")
 # Fields a resumed run may change: where files go, when to stop, how often to checkpoint.
-RESUMABLE_CHANGES = frozenset({"run_name", "out_dir", "store", "stop_at", "checkpoint_every", "device"})
+RESUMABLE_CHANGES = frozenset({"run_name", "out_dir", "store", "stop_at", "checkpoint_every", "checkpoint_keep", "device"})
 _MAX_NAMED = 3
 
 

@@ -45,7 +45,7 @@ from seismo.store import RunStore
 
 __all__ = [
     "OptimConfig", "SeqlenWarmupConfig", "TrainConfig", "RunResult", "Terminated", "train", "save_checkpoint", "load_checkpoint",
-    "error_summary", "sigterm_interrupts", "refuse_finished_run",
+    "error_summary", "sigterm_interrupts", "refuse_finished_run", "poison_batch", "archive_checkpoint", "checkpoint_history",
 ]
 
 DECAYS = ("cosine", "linear", "constant")
@@ -120,14 +120,35 @@ class SeqlenWarmupConfig:
 @dataclass
 class SpikeInjection:
     """Multiply every gradient by ``factor`` after the backward pass of the listed steps (before
-    clipping): the injected-spike experiments of SPAM (Huang et al. 2025, arXiv 2501.06842)."""
+    clipping): the injected-spike experiments of SPAM (Huang et al. 2025, arXiv 2501.06842).
+
+    Spikes of known cause for ``seismo autopsy`` (PaLM, arXiv 2204.02311, section 5.1, traced its
+    spikes to data batches together with the model state): ``poison_steps`` train on a batch of
+    uniformly random tokens instead of the data's (a data-caused spike, see :func:`poison_batch`);
+    ``lr_burst_steps`` multiply the learning rate by ``lr_burst_factor`` (a step-size spike)."""
 
     steps: list[int] = field(default_factory=list)
     factor: float = 1000.0
+    poison_steps: list[int] = field(default_factory=list)
+    lr_burst_steps: list[int] = field(default_factory=list)
+    lr_burst_factor: float = 50.0
 
     def validate(self) -> None:
-        if any((not isinstance(s, int)) or s < 0 for s in self.steps):
-            raise ConfigError(f"spikes.steps: must be a list of step numbers >= 0, got {self.steps!r}")
+        for name in ("steps", "poison_steps", "lr_burst_steps"):
+            v = getattr(self, name)
+            if any((not isinstance(s, int)) or isinstance(s, bool) or s < 0 for s in v):
+                raise ConfigError(f"spikes.{name}: must be a list of step numbers >= 0, got {v!r}")
+        if not (self.lr_burst_factor > 0 and math.isfinite(self.lr_burst_factor)):
+            raise ConfigError(f"spikes.lr_burst_factor: must be a positive number, got {self.lr_burst_factor!r}")
+
+
+def poison_batch(x: torch.Tensor, y: torch.Tensor, seed: int, step: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of uniformly random tokens (inputs and targets) shaped like ``x``, seeded by
+    ``(seed, step)``: what ``spikes.poison_steps`` train on. Targets the data marks ignored (-1) stay ignored."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + 12345)
+    px = torch.randint(vocab_size, tuple(x.shape), generator=g).to(x.device)
+    py = torch.randint(vocab_size, tuple(y.shape), generator=g).to(y.device)
+    return px, torch.where(y == -1, y, py)
 
 
 @dataclass
@@ -155,6 +176,7 @@ class TrainConfig:
     out_dir: str = ""  # run directory (config, checkpoint); "" writes no files
     store: str = ""  # SQLite run store; "" means <out_dir>/../seismo.sqlite when out_dir is set
     checkpoint_every: int = 0
+    checkpoint_keep: int = 3  # periodic checkpoints kept in <out_dir>/checkpoints/ for `seismo autopsy`; 0 = all
     stop_at: int = 0  # stop (as if interrupted) after this many steps; 0 = never
     device: str = "cpu"
 
@@ -170,7 +192,7 @@ class TrainConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{f}: must be a positive integer, got {v!r}")
-        for f in ("seq_len", "eval_every", "checkpoint_every", "stop_at", "monitor_every", "seed"):
+        for f in ("seq_len", "eval_every", "checkpoint_every", "checkpoint_keep", "stop_at", "monitor_every", "seed"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"{f}: must be an integer >= 0, got {v!r}")
@@ -371,9 +393,11 @@ def train(
         # the same stored run (found by run_uid), instead of leaving it `running` forever.
         run_uid = uuid.uuid4().hex
         _checkpoint(ckpt_path, model, optimizer, 0, losses, val_losses, None, run_uid=run_uid, config=cfg.to_dict())
+        archive_checkpoint(ckpt_path, 0, cfg.checkpoint_keep)
     run_uid = run_uid or uuid.uuid4().hex
 
-    meta = dict(data=ds.meta, n_params=model.num_params(), n_params_total=model.num_params(False), torch=torch.__version__, run_uid=run_uid)
+    meta = dict(data=ds.meta, n_params=model.num_params(), n_params_total=model.num_params(False), torch=torch.__version__, run_uid=run_uid,
+                torch_threads=torch.get_num_threads())  # seismo autopsy replays with as many threads (bitwise check)
     store_path = cfg.store or (str(run_dir.parent / "seismo.sqlite") if run_dir else "")
     if run_dir:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -443,6 +467,7 @@ def _train_loop(cfg, ds, model, optimizer, losses, val_losses, seq_len, start, m
     status, diverged_at = "completed", None
     slw = cfg.seqlen_warmup
     spike_steps = set(cfg.spikes.steps)
+    poison_steps, burst_steps = set(cfg.spikes.poison_steps), set(cfg.spikes.lr_burst_steps)  # seismo autopsy's known causes
     slw_steps = slw.steps or max(1, cfg.optim.warmup_steps)
     device = losses.device
     model.train()
@@ -450,12 +475,16 @@ def _train_loop(cfg, ds, model, optimizer, losses, val_losses, seq_len, start, m
     for step in range(start, cfg.steps):
         # 1. schedules: pure functions of the step
         lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.decay, cfg.optim.lr * cfg.optim.min_lr_ratio)
+        if step in burst_steps:
+            lr = lr * cfg.spikes.lr_burst_factor
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         cur_len = seqlen_warmup(step, min(slw.start, seq_len), seq_len, slw_steps, slw.multiple) if slw.enabled else seq_len
 
         # 2. forward / backward / step
         x, y = ds.batch("train", cfg.seed, step, cfg.batch_size, seq_len, device)
+        if step in poison_steps:
+            x, y = poison_batch(x, y, cfg.seed, step, cfg.model.vocab_size)
         x, y = x[:, :cur_len], y[:, :cur_len]
         logits, loss = model(x, y)
         total = loss + z_loss(logits, cfg.z_loss, ignore_mask=(y == -1)) if cfg.z_loss > 0 else loss
@@ -504,6 +533,7 @@ def _train_loop(cfg, ds, model, optimizer, losses, val_losses, seq_len, start, m
             if done == cfg.steps:  # the final validation goes into the last checkpoint: a resume does not redo (and log) it
                 _final_validation(model, ds, cfg, seq_len, val_losses, monitor, done)
             _checkpoint(ckpt_path, model, optimizer, done, losses, val_losses, run_id, monitor, run_uid, cfg.to_dict())
+            archive_checkpoint(ckpt_path, done, cfg.checkpoint_keep)
         if cfg.stop_at and done >= cfg.stop_at and done < cfg.steps:
             status = "interrupted"
             break
@@ -629,3 +659,39 @@ def _checkpoint(path, model, optimizer, step, losses, val_losses, run_id, monito
 
 def _write_json(path: Path, data: dict) -> None:
     atomic_write_json(path, data)
+
+
+# --- checkpoint history for `seismo autopsy` ------------------------------------------------
+
+CHECKPOINT_HISTORY = "checkpoints"  # <out_dir>/checkpoints/step-000300.pt: periodic checkpoints, newest `checkpoint_keep`
+
+
+def archive_checkpoint(ckpt_path: Path, step: int, keep: int) -> None:
+    """Keep ``ckpt_path`` (just written for ``step``) as ``checkpoints/step-<step>.pt`` (a hard link,
+    or a copy where links are not possible) and delete all but the newest ``keep`` (0 = keep all)."""
+    history = ckpt_path.parent / CHECKPOINT_HISTORY
+    history.mkdir(exist_ok=True)
+    target = history / f"step-{step:06d}.pt"
+    tmp = history / f".step-{step:06d}.pt.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(ckpt_path, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(ckpt_path, tmp)
+    os.replace(tmp, target)
+    if keep:
+        for old in sorted(checkpoint_history(ckpt_path.parent).items())[:-keep]:
+            old[1].unlink(missing_ok=True)
+
+
+def checkpoint_history(run_dir: str | os.PathLike) -> dict[int, Path]:
+    """``{step: path}`` of the periodic checkpoints kept in ``run_dir/checkpoints/``."""
+    out = {}
+    for p in (Path(run_dir) / CHECKPOINT_HISTORY).glob("step-*.pt"):
+        try:
+            out[int(p.stem.split("-", 1)[1])] = p
+        except ValueError:
+            continue
+    return out
