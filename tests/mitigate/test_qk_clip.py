@@ -200,3 +200,29 @@ def test_bad_config_is_refused():
     with pytest.raises(ConfigError, match="heads"):
         qk.clip({"transformer.h.0.attn": torch.ones(3)})
     assert set(find_qk_heads(TinyGPT(GPTConfig(n_layer=2)))) == {"transformer.h.0.attn", "transformer.h.1.attn"}
+
+
+def test_runs_beside_the_monitors_attention_probe_without_a_second_forward():
+    from seismo.monitor import AttentionProbe, Monitor
+    from seismo.monitor.tracking import every
+
+    model = hot_tinygpt()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights move only through QK-Clip
+    mon = Monitor(model, opt, probes=[AttentionProbe(schedule=every(2))], flush_every=1)
+    qk = QKClip(model, tau=TAU)
+    qk.attach(find_attention_sites(model))
+    forwards = []
+    model.transformer.h[0].register_forward_hook(lambda *a: forwards.append(1))
+    idx = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(4):
+        _, loss = model(idx, idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        qk.clip()
+        mon.step(loss)
+    mon.close()
+    assert len(forwards) == 4  # one forward per step: QK-Clip reads the training forward's logits
+    steps, logit_max = mon.history["attn/logit_max/transformer.h.0.attn"]
+    assert steps == [0, 2]
+    assert logit_max[0] > 5 * TAU and logit_max[1] <= TAU * (1 + 1e-4)  # the probe sees the clip take effect
