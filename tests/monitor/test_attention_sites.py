@@ -8,6 +8,7 @@ matrix, softmax by exp / sum over the allowed keys, entropy -sum p log p. The pr
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 
@@ -743,3 +744,136 @@ def test_mha_inside_sdpa_module_is_not_misattributed():
         h.remove()
     check(rec, "<root>", ref_stats(outer[0], causal(5)[None, None]))
     check(rec, "inner", ref_stats(inner[0], torch.ones(1, 1, 1, 1, dtype=torch.bool)))
+
+
+# --------------------------------------------------------------------------
+# discovery by observation: no source text needed, any binding of the functions
+# --------------------------------------------------------------------------
+
+NOTEBOOK_CELL = '''
+import math
+import torch
+import torch.nn as nn
+from torch.nn.functional import scaled_dot_product_attention as sdpa   # bound at import time
+
+
+class NotebookAttn(nn.Module):
+    """Defined in a notebook cell: inspect cannot find its source."""
+
+    def __init__(self, d=16, nh=4, how="sdpa"):
+        super().__init__()
+        self.nh, self.hd, self.how = nh, d // nh, how
+        self.qkv = nn.Linear(d, 3 * d)
+        self.o = nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.nh, self.hd).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
+        self.seen = (q.detach().clone(), k.detach().clone())  # for the test's oracle
+        if self.how == "sdpa":
+            y = sdpa(q, k, v, is_causal=True)
+        else:
+            z = (q @ k.transpose(-2, -1)) / math.sqrt(self.hd)
+            z = z.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+            a = torch.softmax(z, dim=-1) if self.how == "torch.softmax" else z.softmax(-1)
+            y = a @ v
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class NotebookNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(NotebookAttn(how=h) for h in ("sdpa", "torch.softmax", "Tensor.softmax"))
+        self.router = nn.Linear(16, 4)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        gate = torch.softmax(self.router(x), dim=-1)  # a 3-D softmax: not attention
+        return x * gate.sum(-1, keepdim=True)
+'''
+
+
+@pytest.fixture
+def notebook_classes(monkeypatch):
+    """The cell exec'd in a fake ``__main__`` without a file (a notebook, ``python -``)."""
+    import inspect
+    import sys
+    import types
+
+    fake_main = types.ModuleType("__main__")
+    monkeypatch.setitem(sys.modules, "__main__", fake_main)
+    ns = fake_main.__dict__
+    exec(compile(NOTEBOOK_CELL, "<ipython-input-1-cell>", "exec"), ns)
+    with pytest.raises((OSError, TypeError)):
+        inspect.getsource(ns["NotebookAttn"])  # what broke the source-text discovery
+    return ns
+
+
+def test_attention_defined_in_a_notebook_is_observed(notebook_classes):
+    torch.manual_seed(12)
+    net = notebook_classes["NotebookNet"]()
+    assert find_generic_sites(net) == []  # reading source finds nothing here
+    reference = copy.deepcopy(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
+    mon = Monitor(net, opt, probes=[AttentionProbe(max_batch=2, schedule=every(2))])
+    for step in range(4):
+        x = torch.randn(3, 6, 16)
+        out, plain = net(x), reference(x)
+        assert torch.equal(out, plain), f"step {step}: the monitor changed the output"
+        ref_loss = plain.pow(2).mean()
+        ref_loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        rec = train_step(net, opt, mon, lambda out=out: out.pow(2).mean())
+        if step % 2:
+            assert rec is None
+            continue
+        probe = attn_probe(mon)
+        assert [(s.name, set(s.kinds)) for s in probe.sites] == [
+            ("blocks.0", {"sdpa"}), ("blocks.1", {"softmax"}), ("blocks.2", {"softmax"}),
+        ]  # the router's 3-D softmax is not attention
+        for i, blk in enumerate(net.blocks):
+            q, k = blk.seen
+            z = (q @ k.transpose(-2, -1))[:2] / math.sqrt(blk.hd)
+            check(rec, f"blocks.{i}", ref_stats(z, causal(6)[None, None]))
+    mon.close()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+
+
+def test_observation_sees_every_binding_and_only_the_innermost_module():
+    """sdpa bound under another name, torch.softmax and Tensor.softmax, in modules nested in a
+    module that also calls softmax: each call goes to the module executing it."""
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.ModuleList([SelfAttn(), SelfAttn()])
+
+        def forward(self, x):
+            for m in self.inner:
+                x = x + m(x, is_causal=True)
+            z = torch.einsum("bqd,bkd->bk", x, x)[:, None, None, :] / 4  # (B, 1, 1, S) scores of its own
+            self.z = z.detach().clone()
+            return x * z.softmax(-1).sum()
+
+    torch.manual_seed(13)
+    model = Outer()
+    stores = [[], []]
+    hs = capture_sdpa_module(model.inner[0], stores[0]) + capture_sdpa_module(model.inner[1], stores[1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = Monitor(model, opt, probes=[AttentionProbe(max_batch=4)])
+    rec = train_step(model, opt, mon, lambda: model(torch.randn(2, 5, 16)).pow(2).mean())
+    assert sorted(s.name for s in attn_probe(mon).sites) == ["<root>", "inner.0", "inner.1"]
+    for i in range(2):
+        check(rec, f"inner.{i}", ref_stats(stores[i][0], causal(5)[None, None]))
+    check(rec, "<root>", ref_stats(model.z, torch.ones(1, 1, 1, 1, dtype=torch.bool)))
+    # a tracked step after discovery reads the same calls through the sites' own modes
+    rec = train_step(model, opt, mon, lambda: model(torch.randn(2, 5, 16)).pow(2).mean())
+    for i in range(2):
+        check(rec, f"inner.{i}", ref_stats(stores[i][1], causal(5)[None, None]))
+    check(rec, "<root>", ref_stats(model.z, torch.ones(1, 1, 1, 1, dtype=torch.bool)))
+    mon.close()
+    for h in hs:
+        h.remove()
