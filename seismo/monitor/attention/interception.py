@@ -64,6 +64,15 @@ def _logits_of_call(func: Any, args: tuple, kwargs: dict, max_batch: int) -> Ten
     (a softmax over anything but the last dimension of a 4-D tensor, integer inputs...)."""
     kind, names = WATCHED[func]
     a = _bind(names, args, kwargs)
+    first = next((t for t in a.values() if isinstance(t, Tensor)), None)
+    if first is None:
+        return None
+    # the logits of the q and k the kernel receives, accumulated in fp32: not re-rounded by autocast
+    with torch.autocast(first.device.type, enabled=False):
+        return _logits_of(kind, a, max_batch)
+
+
+def _logits_of(kind: str, a: dict[str, Any], max_batch: int) -> Tensor | None:
     if kind == "sdpa":
         q, k = a.get("query"), a.get("key")
         if not isinstance(q, Tensor) or not isinstance(k, Tensor) or not q.is_floating_point():

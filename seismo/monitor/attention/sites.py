@@ -122,10 +122,11 @@ class MHASite(_ModuleSite):
             return
         tok.done = True
         try:
-            logits = mha_logits(
-                self.module, query, key, a.get("key_padding_mask"), a.get("attn_mask"),
-                bool(a.get("need_weights", True)), bool(a.get("is_causal", False)), tok.max_batch,
-            )
+            with torch.autocast(query.device.type, enabled=False):  # fp32 logits, not re-rounded by autocast
+                logits = mha_logits(
+                    self.module, query, key, a.get("key_padding_mask"), a.get("attn_mask"),
+                    bool(a.get("need_weights", True)), bool(a.get("is_causal", False)), tok.max_batch,
+                )
         except Exception as exc:  # noqa: BLE001 - a site failure never reaches the forward; warned once
             self._warn(exc)
             return
