@@ -24,11 +24,14 @@ class Diagnose(Subcommand):
         parser.add_argument("--json", action="store_true", help="machine-readable output")
         parser.add_argument("--stored-events", action="store_true",
                             help="use the events recorded during the run instead of replaying the signals")
+        parser.add_argument("--compare", nargs="+", default=[], metavar="OTHER",
+                            help="other runs (ids or names) that saw the same data in the same order: a loss spike "
+                                 "at the same step (+-1) in any of them is attributed to the data")
         parser.add_argument("--max-events", type=int, default=20, help="rows of the timeline (default: 20)")
 
     def run(self, args: argparse.Namespace) -> int:
         path = existing_store(args.store)
-        d = diagnose_run(str(path), args.run, replay=not args.stored_events)
+        d = diagnose_run(str(path), args.run, replay=not args.stored_events, compare=args.compare)
         if args.json:
             print(json.dumps(d.to_dict(), indent=2, default=str))
             return 0
@@ -46,6 +49,9 @@ class Diagnose(Subcommand):
                 if seen[key] == 1 and len(table.rows) < args.max_events:
                     table.add_row(str(e.step), Text(e.severity), Text(e.kind), Text(e.module or "-"), Text(e.message))
             con.print(table)
+        for shared in d.shared_spikes:
+            con.print(f"Data-caused: the {esc(shared['kind'])} at step {shared['step']} also happened in "
+                      f"{esc(', '.join(shared['runs']))} (same data order): a batch, not this run's state.")
         if d.modules:
             con.print("Modules involved: " + ", ".join(f"{esc(m)} ({n})" for m, n in list(d.modules.items())[:8]))
         if d.recommendations:
