@@ -39,7 +39,7 @@ import torch
 from seismo.errors import ConfigError
 from seismo.mitigate.schedules import lr_at as schedule_lr_at
 from seismo.mitigate.schedules import seqlen_warmup
-from seismo.proxy.autopsy_replay import ReplaySpec, default_spam_threshold, run_replay
+from seismo.proxy.autopsy_replay import ReplaySpec, default_spam_threshold, qk_clipper, run_replay
 from seismo.proxy.autopsy_verdict import AutopsyVerdict, analyse
 from seismo.proxy.data import load_dataset
 from seismo.proxy.model import TinyGPT
@@ -199,18 +199,22 @@ def _adam_like(optimizer: torch.optim.Optimizer) -> tuple[float, float] | None:
     return float(g["betas"][1]), float(g["eps"])
 
 
-def qk_clip_available() -> bool:
-    """Whether this seismo has QK-Clip (``seismo.mitigate.qk_clip``) with the replay hook the autopsy uses."""
+def qk_clip_applies(model: torch.nn.Module) -> bool:
+    """Whether QK-Clip can act on ``model``: attention whose logits scale with W_q, W_k (not qk-norm)."""
     try:
-        from seismo.mitigate import qk_clip
-    except ImportError:
+        clip = qk_clipper(model, 100.0)
+    except ConfigError:
         return False
-    return callable(getattr(qk_clip, "make_replay_clipper", None))
+    del clip
+    return True
 
 
-def standard_replays(loop, optimizer: torch.optim.Optimizer, *, logits: bool = True, qk_clip: bool | None = None) -> list[ReplaySpec]:
-    """The replays that apply to ``loop`` and ``optimizer``: controls, data, lower LR and every
-    mitigation that can be switched on mid-run (those already on are left out)."""
+def standard_replays(loop, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None, *,
+                     logits: bool = True) -> list[ReplaySpec]:
+    """The replays that apply to ``loop``, ``optimizer`` and ``model``: controls, data, lower LR
+    and every mitigation that can be switched on mid-run (those already on are left out; QK-Clip
+    only where ``model`` has attention it can rescale). qk-layernorm is not among them: it changes
+    the architecture, and a checkpoint trained without it does not fit a model with it."""
     specs = [
         ReplaySpec("same data", "control", description="same batches, same seeds"),
         ReplaySpec("other data", "data", data="other", description="the window's batches replaced by others"),
@@ -232,7 +236,7 @@ def standard_replays(loop, optimizer: torch.optim.Optimizer, *, logits: bool = T
         specs.append(ReplaySpec(f"eps {larger:g}", "mitigation", eps=larger, description=f"Adam eps {eps:g} -> {larger:g}"))
         specs.append(ReplaySpec("SPAM clipping", "mitigation", spam_threshold=default_spam_threshold(beta2),
                                 description="gradient entries with g^2 > theta * v clipped (SPAM, theta for this beta2)"))
-    if qk_clip if qk_clip is not None else qk_clip_available():
+    if model is not None and qk_clip_applies(model):
         specs.append(ReplaySpec("QK-Clip 100", "mitigation", qk_clip=100.0, description="QK-Clip tau = 100 (Kimi K2)"))
     specs.append(ReplaySpec("skip spike batches", "mitigation", data="skip", description="the spike's batches dropped from the stream"))
     return specs
@@ -328,8 +332,11 @@ def run_autopsy(loop, checkpoints: Mapping[int, Any], spike: int, *, window: int
     if isinstance(ck_data.get("step"), int) and ck_data["step"] != start:
         raise ConfigError(f"checkpoint: the checkpoint given for step {start} was taken at step {ck_data['step']}")
     if replays is None:
-        _, optimizer = loop.build()
-        replays = standard_replays(loop, optimizer)
+        model, optimizer = loop.build()
+        with torch.no_grad():  # does loss_fn hand out logits (for z-loss)?
+            out = loop.loss_fn(model, loop.make_batch(start), start)
+        replays = standard_replays(loop, optimizer, model, logits=isinstance(out, (tuple, list)) and len(out) > 1)
+        del model, optimizer, out
     names = [s.name for s in replays]
     if "same data" not in names or len(set(names)) != len(names):
         raise ConfigError(f"replays: need one 'same data' replay and distinct names, got {names}")

@@ -13,6 +13,7 @@ learning rate, batch, forward, z-loss, ``zero_grad``, gradient scaling, backward
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -23,10 +24,12 @@ import torch
 
 from seismo.mitigate.losses import z_loss
 from seismo.mitigate.optimizers import spam_threshold_for_beta2
+from seismo.mitigate.qk_clip import QKClip
+from seismo.monitor.attention import find_attention_sites
 from seismo.proxy.train import error_summary
 from seismo.session import Monitor
 
-__all__ = ["Loop", "ReplaySpec", "run_replay", "data_index", "spam_clip_", "restore"]
+__all__ = ["Loop", "ReplaySpec", "run_replay", "data_index", "spam_clip_", "restore", "qk_clipper"]
 
 DATA_MODES = ("same", "other", "reorder", "skip")
 
@@ -113,10 +116,13 @@ def spam_clip_(optimizer: torch.optim.Optimizer, threshold: float) -> int:
 
 
 def restore(loop: Loop, checkpoint: Mapping[str, Any]) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """``loop.build()`` with the checkpoint's model and optimizer states (and its RNG state, if any)."""
+    """``loop.build()`` with the checkpoint's model and optimizer states (and its RNG state, if any).
+
+    The optimizer state is copied first: ``Optimizer.load_state_dict`` keeps tensors that already
+    have the right dtype and device, and the next step would update the checkpoint in place."""
     model, optimizer = loop.build()
     model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optim"])
+    optimizer.load_state_dict(copy.deepcopy(checkpoint["optim"]))
     if isinstance(checkpoint.get("rng"), torch.Tensor):
         torch.set_rng_state(checkpoint["rng"])
     return model, optimizer
@@ -131,12 +137,13 @@ def _switch_on(spec: ReplaySpec, optimizer: torch.optim.Optimizer) -> None:
             group["eps"] = spec.eps
 
 
-def _qk_clipper(spec: ReplaySpec, model: torch.nn.Module) -> Callable[[], Any] | None:
-    if not spec.qk_clip:
-        return None
-    from seismo.mitigate import qk_clip  # optional: another part of seismo, present in newer versions
-
-    return qk_clip.make_replay_clipper(model, spec.qk_clip)
+def qk_clipper(model: torch.nn.Module, tau: float) -> Callable[[], Any]:
+    """QK-Clip (Kimi K2, arXiv 2507.20534) on ``model``, fed by the attention logits of each training
+    forward (no second forward); call the returned function after each optimizer step. Raises
+    :class:`~seismo.errors.ConfigError` where it does not apply (qk-norm, no attention)."""
+    qk = QKClip(model, tau=tau, max_batch=1 << 20)  # every sequence of the batch
+    qk.attach(find_attention_sites(model))
+    return qk.clip
 
 
 def _loss_and_logits(out: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -164,7 +171,7 @@ def run_replay(loop: Loop, checkpoint: Mapping[str, Any] | str, spec: ReplaySpec
             checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model, optimizer = restore(loop, checkpoint)
         _switch_on(spec, optimizer)
-        clip_qk = _qk_clipper(spec, model)
+        clip_qk = qk_clipper(model, spec.qk_clip) if spec.qk_clip else None
         base_lrs = [g["lr"] for g in optimizer.param_groups]
         coef = spec.z_loss or loop.z_loss
         clip = spec.grad_clip or loop.grad_clip

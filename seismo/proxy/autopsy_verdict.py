@@ -7,7 +7,10 @@ for hardware faults (rerun the step and compare bitwise). Every replay starts fr
 checkpoint; the same-data replay is the reference its peak is measured against:
 
 * the *baseline* is the median loss of the same-data replay before the spike (first half of the
-  window); a replay's *height* is its peak loss minus the baseline (infinite if it diverged);
+  window); a replay's *height* is ``log(peak / baseline)`` (infinite if it diverged): a loss
+  that jumps from 3 to 3000 and one that jumps from 3 to 1000 are both blow-ups, which a
+  difference would not say. For losses that are not all positive (a log-likelihood, say) the
+  height is ``peak - baseline``;
 * a replay *removes* the spike when its height is below ``REMOVED`` x the reference height,
   *reduces* it below ``REDUCED`` x, and *delays* it when its peak comes more than ``DELAY`` steps
   after the spike step and it does not remove it;
@@ -46,6 +49,7 @@ class ReplayRow:
     effect: str  # reference | removes | reduces | delays | no effect | worse | failed
     moved: list[str] = field(default_factory=list)  # signals that moved against the same-data replay
     bitwise: bool | None = None  # same-data replay only: equal to the recorded losses?
+    signal_max: dict[str, float] = field(default_factory=dict)  # per signal family, the largest |value| over the replay
     run_id: int | None = None
     error: str = ""
 
@@ -62,7 +66,7 @@ class AutopsyVerdict:
     spike: int
     stop: int
     baseline: float
-    reference_height: float
+    reference_height: float  # log(peak / baseline) of the same-data replay (peak - baseline for losses that are not all positive)
     reproduced: str  # "bitwise" | "not bitwise (max |diff| x at step s)" | "not checked"
     fixes: list[str] = field(default_factory=list)  # replays that remove the spike
 
@@ -177,19 +181,28 @@ def analyse(records: list[dict], kinds: dict[str, str], *, start: int, spike: in
     pre = s_losses[s_steps < start + max(1, (spike - start) // 2)]
     baseline = float(np.median(pre[np.isfinite(pre)])) if np.isfinite(pre).any() else float(s_losses[0])
     ref_peak, ref_step = _peak(s_steps, s_losses, same["status"])
-    ref_height = ref_peak - baseline
+    positive = baseline > 0 and all(np.nanmin(np.asarray(r["losses"], dtype=float), initial=math.inf) > 0 for r in records)
+
+    def height_of(peak: float) -> float:
+        return (math.log(peak / baseline) if peak < math.inf else math.inf) if positive else peak - baseline
+
+    def loss_at(height: float) -> float:
+        return baseline * math.exp(height) if positive else baseline + height
+
+    ref_height = height_of(ref_peak)
     bitwise, reproduced = _bitwise(same, recorded)
     if recorded:  # the spike as recorded: did the same-data replay reproduce it?
         rec_window = [recorded[s] for s in range(start, stop) if s in recorded]
-        rec_height = (max(rec_window) if all(math.isfinite(v) for v in rec_window) else math.inf) - baseline if rec_window else math.nan
+        rec_max = max(rec_window) if all(math.isfinite(v) for v in rec_window) else math.inf
+        rec_height = height_of(rec_max) if rec_window and rec_max > 0 else math.nan
     else:
         rec_height = ref_height
     rows = []
     for rec in records:
         steps, losses = np.asarray(rec["steps"]), np.asarray(rec["losses"], dtype=float)
         peak, pstep = _peak(steps, losses, rec["status"])
-        height = peak - baseline
-        level = baseline + RECOVERED * (ref_height if math.isfinite(ref_height) else 1.0)
+        height = height_of(peak) if math.isfinite(peak) or peak == math.inf else math.nan
+        level = loss_at(RECOVERED * (ref_height if math.isfinite(ref_height) else 1.0))
         recover = 0 if height <= RECOVERED * ref_height else _recovery(steps, losses, pstep, level)
         tail = losses[-5:]
         final = float(np.mean(tail)) if len(tail) and np.isfinite(tail).all() else math.nan
@@ -202,7 +215,8 @@ def analyse(records: list[dict], kinds: dict[str, str], *, start: int, spike: in
             effect = _effect(height, ref_height, pstep, spike)
             moved = signals_moved(rec["history"], same["history"], max(start, spike - 2), min(stop - 1, spike + 2))
         rows.append(ReplayRow(rec["name"], kinds.get(rec["name"], ""), rec["status"], peak, pstep, height, recover, final, effect,
-                              moved, bitwise if rec["name"] == "same data" else None, rec.get("run_id"), rec.get("error", "")))
+                              moved, bitwise if rec["name"] == "same data" else None, _family_peaks(rec["history"], start, stop),
+                              rec.get("run_id"), rec.get("error", "")))
     verdict = AutopsyVerdict("", "", rows, start, spike, stop, baseline, ref_height, reproduced)
     verdict.fixes = [r.name for r in rows if r.effect == "removes" and r.kind in ("lr", "mitigation")]
     verdict.cause, verdict.sentence = _sentence(verdict, rec_height, skip_from)
