@@ -141,7 +141,8 @@ class RecompileLog(logging.Handler):
 
 
 def train(model, loss_fn, data, *, compiled: bool, monitor: bool, autocast: torch.dtype | None = None):
-    """SGD steps; returns ({step: record as floats}, unique graphs after each step, recompile log)."""
+    """SGD steps; returns ({step: record as floats}, (unique graphs, recompiles so far) after each
+    step, graph breaks, dynamo's recompile log)."""
     torch._dynamo.reset()
     counters.clear()
     log = RecompileLog()
@@ -163,7 +164,7 @@ def train(model, loss_fn, data, *, compiled: bool, monitor: bool, autocast: torc
                 rec = mon.step(loss)
                 if rec:
                     records[step] = {k: float(v) for k, v in rec.items()}
-            graphs.append(counters["stats"]["unique_graphs"])
+            graphs.append((counters["stats"]["unique_graphs"], len(log.messages)))
     finally:
         if mon is not None:
             mon.close()
@@ -188,10 +189,11 @@ def check_compiled_run(build, steps: int = 21):
                 assert key in rec, (step, key, sorted(rec))
                 assert math.isclose(rec[key], eager[step][key], rel_tol=1e-3), (step, key, rec[key], eager[step][key])
     assert breaks == base_breaks == 0, "the monitor added graph breaks"
-    # warm-up: the first untracked and the first tracked compiled steps compile their graphs; after
-    # that steps 11-19 (untracked) and 20 (tracked) reuse them: no recompilation
-    assert graphs[10] > 0 and graphs[-1] == graphs[10], graphs
-    assert len(recompiles) <= 1, recompiles  # at most the untracked -> tracked variant
+    # warm-up: the first untracked and the first tracked compiled steps compile their graphs (the
+    # variant of the other kind is a recompile of each compiled frame); after that steps 11-19
+    # (untracked) and 20 (tracked) reuse them: no graph compiled, no recompilation
+    assert graphs[10][0] > 0 and graphs[-1] == graphs[10], graphs
+    assert graphs[10][1] <= 2, recompiles
     return got
 
 
