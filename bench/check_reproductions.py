@@ -263,7 +263,8 @@ def block_qk_layernorm(d: dict) -> list[str]:
     rs = [r for _, r in ratios]
     grows = "agrees" if all(b > a for a, b in zip(rs, rs[1:])) else "partly" if rs[-1] > rs[0] else "does not"
     out.append(f"**The gap grows with size: {grows}.** Ratio of the seed-mean whole-grid sensitivities (baseline / qk-norm): "
-               + ", ".join(f"`{s}` {fix(r, 2)}" for s, r in ratios) + ".")
+               + ", ".join(f"`{s}` {fix(r, 2)}" for s, r in ratios) + " (rule: *agrees* if the ratio rises at every step in "
+               "size, *partly* if it is higher at the largest size than at the smallest, else *does not*).")
     out.append("")
     # 3. attention logits bounded
     logit = cell_spread(rows, "max_attn_logit")
@@ -272,7 +273,8 @@ def block_qk_layernorm(d: dict) -> list[str]:
     qk_max = max(logit[("qk_norm", s, top)].hi for s in sizes)
     base_min = min(logit[("baseline", s, top)].lo for s in sizes)
     out.append(f"**qk-layernorm bounds the attention logits: {v}.** At LR {lr_str(top)} the largest max attention logit of any "
-               f"qk-norm trial is {num(qk_max)}; the smallest of any baseline trial is {num(base_min)}.")
+               f"qk-norm trial is {num(qk_max)}; the smallest of any baseline trial is {num(base_min)} (rule: the seeds separate "
+               "at every size).")
     out.append("")
     ndiv = sum(r["status"] == "diverged" for r in rows)
     out.append(f"**The baseline's loss diverges at high LR: "
@@ -308,8 +310,9 @@ def block_qk_layernorm(d: dict) -> list[str]:
     v = "agrees" if agree == len(pts) else "partly" if agree >= len(pts) / 2 else "does not"
     r2 = [p.r2 for p in pts if p.r2 is not None]
     out.append(f"**Instability at `{largest}` predicted from smaller sizes: {v}.** The prediction is right at {agree} of "
-               f"{len(pts)} LRs; predicted lowest unstable LR {lr_str(first_pred) if first_pred else 'none'}, observed "
-               f"{lr_str(first_obs) if first_obs else 'none'}; R^2 of the fits {fix(min(r2), 2)}-{fix(max(r2), 2)}.")
+               f"{len(pts)} LRs (rule: all: *agrees*, at least half: *partly*, fewer: *does not*); predicted lowest unstable LR "
+               f"{lr_str(first_pred) if first_pred else 'none'}, observed {lr_str(first_obs) if first_obs else 'none'}; "
+               f"R^2 of the fits from {fix(min(r2), 2)} to {fix(max(r2), 2)}.")
     return out
 
 
@@ -401,15 +404,17 @@ def block_grokking(d: dict) -> list[str]:
     g64, n64 = grokked("softmax_fp64")
     out.append(f"**(1) float32 softmax reaches Softmax Collapse, float64 delays it: {v1}.** Trials with more than 1% of the rows "
                f"collapsed: fp32 {sum(x > 0.01 for x in sc32)} of {len(sc32)}, fp64 {sum(x > 0.01 for x in sc64)} of {len(sc64)}. "
-               f"Whether SC is what stops generalisation needs the fp64 control to grok: it grokked in {g64} of {n64} trials.")
+               f"Whether SC is what stops generalisation needs the fp64 control to grok: it grokked in {g64} of {n64} trials "
+               "(rule: every fp32 trial and no fp64 trial: *agrees*; no fp32 trial: *not measurable at this scale*; else *partly*).")
     out.append("")
     out.append(f"**(2) StableMax groks without weight decay: "
                f"{'agrees' if g_sm == n_sm else 'partly' if g_sm else 'not measurable at this scale'}.** {g_sm} of {n_sm} trials "
-               f"reached 95% test accuracy in {steps} steps (the paper's StableMax runs take tens of thousands of steps).")
+               f"reached 95% test accuracy in {steps} steps (rule: all: *agrees*, some: *partly*, none: *not measurable at this "
+               "scale*, as the paper's StableMax runs take tens of thousands of steps).")
     out.append("")
     out.append(f"**(3) perp-Grad generalises without a memorisation phase: "
                f"{'agrees' if g_pg == n_pg else 'partly' if g_pg else 'does not'}.** {g_pg} of {n_pg} trials reached 95% test "
-               f"accuracy within {steps} steps.")
+               f"accuracy within {steps} steps (rule: all: *agrees*, some: *partly*, none: *does not*).")
     return out
 
 
@@ -467,7 +472,8 @@ def block_spam(d: dict) -> list[str]:
     for a in arms[1:]:
         c = closer.get(a, [])
         v = "agrees" if c and all(c) else "partly" if sum(c) > len(c) / 2 else "does not"
-        out.append(f"**`{a}` ends closer to the spike-free run than spiked AdamW: {v}** ({sum(c)} of {len(c)} (LR, seed) pairs).")
+        out.append(f"**`{a}` ends closer to the spike-free run than spiked AdamW: {v}** ({sum(c)} of {len(c)} (LR, seed) pairs; "
+                   "rule: all: *agrees*, more than half: *partly*, else *does not*).")
         out.append("")
     return out[:-1]
 
