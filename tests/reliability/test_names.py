@@ -180,7 +180,7 @@ def test_two_demos_at_once_get_separate_directories(tmp_path, capsys, monkeypatc
     import seismo.cli.demo as demo
 
     pytest.importorskip("matplotlib")
-    monkeypatch.setattr(demo.time, "strftime", lambda fmt: "20260101-000000")
+    monkeypatch.setattr(demo.time, "strftime", lambda fmt, *when: "20260101-000000")
     out = tmp_path / "demo"
     holder = _hold_lock(out / "demo-unstable-20260101-000000")
     try:
