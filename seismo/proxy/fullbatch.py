@@ -30,9 +30,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seismo.errors import ConfigError
+from seismo.mitigate.losses import stablemax_cross_entropy
+from seismo.mitigate.transforms import attach, orthogonalize
 from seismo.monitor import AdamProbe, GradientProbe, LogitsProbe, LossProbe, UpdateProbe, every
 from seismo.monitor.curvature_probe import CurvatureProbe
 from seismo.proxy.config import from_dict, to_dict
+from seismo.proxy.data import ModularDataset
 from seismo.proxy.train import RunResult, close_after_exception, final_loss, first_nonfinite_step, sigterm_interrupts
 from seismo.session import Monitor
 
@@ -137,8 +140,6 @@ class FullBatchConfig:
 
 def modular_tensors(cfg: FullBatchConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{"train"/"val": (one-hot inputs (N, 2p), labels (N,))}, the split of the proxy's ModularDataset."""
-    from seismo.proxy.data import ModularDataset
-
     ds = ModularDataset(cfg.p, cfg.op, cfg.train_frac, cfg.split_seed)
     out = {}
     for split in ("train", "val"):
@@ -171,8 +172,6 @@ def _loss_fn(cfg: FullBatchConfig):
     if cfg.task == "regression":
         return F.mse_loss
     if cfg.output == "stablemax":
-        from seismo.mitigate.losses import stablemax_cross_entropy
-
         return stablemax_cross_entropy
     return F.cross_entropy
 
@@ -197,8 +196,6 @@ def train_fullbatch(cfg: FullBatchConfig) -> RunResult:
     else:
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.perp_grad:
-        from seismo.mitigate.transforms import attach, orthogonalize
-
         attach(opt, orthogonalize())
     loss_fn = _loss_fn(cfg)
 

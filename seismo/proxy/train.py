@@ -32,6 +32,8 @@ import torch
 
 from seismo._io import atomic_torch_save, atomic_write_json
 from seismo.errors import ConfigError
+from seismo.mitigate import optimizers
+from seismo.mitigate.guard import Guard, GuardGaveUp
 from seismo.mitigate.losses import z_loss
 from seismo.mitigate.param_groups import decay_groups, independent_weight_decay, mup_param_groups
 from seismo.mitigate.schedules import lr_at, seqlen_warmup
@@ -322,8 +324,6 @@ def build_optimizer(model: TinyGPT, cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.name in ("spam", "stable_spam"):
-        from seismo.mitigate import optimizers
-
         reset = cfg.spam_reset_interval
         if cfg.name == "spam":
             gap = dict(update_proj_gap=reset, warmup_epoch=max(1, round(150 * reset / 500))) if reset else {}
@@ -422,8 +422,6 @@ def train(
     try:
         with sigterm_interrupts():
             if cfg.guard == "skip":
-                from seismo.mitigate.guard import Guard
-
                 guard = Guard(model, optimizer, policy="skip", max_grad_norm=cfg.optim.grad_clip, monitor=monitor, zero_grad=False)
             status, diverged_at, step, steps_done = _train_loop(
                 cfg, ds, model, optimizer, losses, val_losses, seq_len, start, monitor, guard, ckpt_path, run_id, run_uid, on_log
@@ -493,8 +491,6 @@ def _train_loop(cfg, ds, model, optimizer, losses, val_losses, seq_len, start, m
             total = total * cfg.spikes.factor  # every gradient x factor, seen by the monitor like a real spike
         total.backward()
         if guard is not None:
-            from seismo.mitigate.guard import GuardGaveUp
-
             try:
                 guard.step(loss)  # clips, then steps the optimizer or skips the step entirely
             except GuardGaveUp:
