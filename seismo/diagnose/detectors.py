@@ -11,13 +11,15 @@ in :mod:`seismo.diagnose.playbook`.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Protocol, runtime_checkable
+from typing import Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
 from seismo.diagnose.regression import LossRegressionDetector
 from seismo.diagnose.spikes import SpikeDetector
 from seismo.diagnose.stats import TrendFit
+from seismo.diagnose.stats import format_value as _fmt
+from seismo.diagnose.stats import module_values as _modules
 from seismo.events import Event
 
 __all__ = [
@@ -33,17 +35,6 @@ class Detector(Protocol):
     def update(self, step: int, values: Mapping[str, float]) -> list[Event]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def _modules(values: Mapping[str, float], prefix: str) -> Iterable[tuple[str, float]]:
-    """(module, value) for every ``prefix<module>`` key."""
-    for k, v in values.items():
-        if k.startswith(prefix):
-            yield k[len(prefix):], v
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.3g}"
 
 
 class GrowthDetector:

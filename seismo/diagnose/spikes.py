@@ -8,24 +8,15 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Iterable, Mapping
+from typing import Mapping
 
 from seismo._stats import MAD_TO_SIGMA
 from seismo.diagnose.stats import RobustWindow
+from seismo.diagnose.stats import format_value as _fmt
+from seismo.diagnose.stats import module_values as _modules
 from seismo.events import Event
 
 __all__ = ["SpikeDetector"]
-
-
-def _modules(values: Mapping[str, float], prefix: str) -> Iterable[tuple[str, float]]:
-    """(module, value) for every ``prefix<module>`` key."""
-    for k, v in values.items():
-        if k.startswith(prefix):
-            yield k[len(prefix):], v
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.3g}"
 
 
 class SpikeDetector:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from typing import Iterator, Mapping
 
 import numpy as np
 
 from seismo._stats import MAD_TO_SIGMA
 
-__all__ = ["RobustWindow", "TrendFit", "median_rows", "diff_noise_rows"]
+__all__ = ["RobustWindow", "TrendFit", "median_rows", "diff_noise_rows", "module_values", "format_value"]
 
 
 class RobustWindow:
@@ -141,3 +142,15 @@ def diff_noise_rows(a: np.ndarray, chunk: int = 4096) -> np.ndarray:
         dev = np.abs(d - median_rows(d)[:, None])
         out[lo: lo + chunk] = MAD_TO_SIGMA * median_rows(dev) / math.sqrt(2.0)
     return out
+
+
+def module_values(values: Mapping[str, float], prefix: str) -> Iterator[tuple[str, float]]:
+    """(module, value) for every ``prefix<module>`` key of a record."""
+    for k, v in values.items():
+        if k.startswith(prefix):
+            yield k[len(prefix):], v
+
+
+def format_value(x: float) -> str:
+    """A signal value in event messages: three significant digits."""
+    return f"{x:.3g}"
