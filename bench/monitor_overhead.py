@@ -59,6 +59,8 @@ import torch
 import torch.nn as nn
 from _machine import cpu_model, loadavg
 
+from seismo.proxy.loop import train_step
+
 D, L, H, T, B, V = 128, 2, 4, 128, 32, 256
 PROBE_B = 4
 MODELS = ("tinygpt", "gpt2-sdpa", "gpt2-eager")
@@ -185,12 +187,7 @@ class Loop:
             batch = self.data[self.i % len(self.data)]
             self.i += 1
             k0, c0, t0 = TIMER.total, time.thread_time(), time.perf_counter()
-            loss = self.loss_of(self.model, batch)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            if self.monitor is not None:
-                self.monitor.step(loss)
+            train_step(self.model, self.opt, self.loss_of, batch, monitor=self.monitor)
             dt, dc, dk = time.perf_counter() - t0, time.thread_time() - c0, TIMER.total - k0
             if record:
                 self.steps.append((kind, dt, dc, dk))

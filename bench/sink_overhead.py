@@ -48,6 +48,12 @@ from pathlib import Path
 import torch
 from _machine import cpu_model, loadavg
 
+from seismo.proxy.loop import train_step
+
+
+def _next_token_loss(model, batch):
+    return model(batch[:, :-1], batch[:, 1:])[1]
+
 D, L, H, T, B, V = 128, 2, 4, 128, 32, 256
 SINKS = ("tensorboard", "wandb", "mlflow")
 
@@ -148,11 +154,7 @@ class Loop:
             batch = self.data[self.i % len(self.data)]
             self.i += 1
             t0, c0 = time.perf_counter(), time.thread_time()
-            _, loss = self.model(batch[:, :-1], batch[:, 1:])
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            self.monitor.step(loss)
+            train_step(self.model, self.opt, _next_token_loss, batch, monitor=self.monitor)
             if record:
                 self.steps.append(time.perf_counter() - t0)
                 self.cpu.append(time.thread_time() - c0)

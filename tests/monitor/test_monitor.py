@@ -31,6 +31,7 @@ from seismo.monitor.curvature import hutchinson_trace
 from seismo.monitor.curvature_probe import CurvatureProbe
 from seismo.monitor.logits import logit_stats
 from seismo.monitor.probe import HookSet, ProbeContext
+from seismo.proxy.loop import gpt_loss, train_step
 from seismo.proxy.model import GPTConfig, TinyGPT
 from seismo.report import load_run
 
@@ -91,15 +92,7 @@ def at(mon: Monitor, name: str, step: int) -> float:
 
 
 def lm_step(model, opt, x, y, mon=None, clip=None):
-    _, loss = model(x, y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    opt.step()
-    if mon is not None:
-        mon.step(loss)
-    return loss.detach()
+    return train_step(model, opt, gpt_loss, (x, y), monitor=mon, clip=clip)
 
 
 # --------------------------------------------------------------------------
