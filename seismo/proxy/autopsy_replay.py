@@ -160,8 +160,17 @@ def run_replay(loop: Loop, checkpoint: Mapping[str, Any] | str, spec: ReplaySpec
     Stops at the first non-finite loss (status ``diverged``). Never raises: a failure is status
     ``failed`` with its one-line summary in ``error``."""
     t0 = time.time()
+    threads_before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    try:
+        return _replay(loop, checkpoint, spec, start, stop, spike, skip_from, other_offset, run_name, t0)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _replay(loop, checkpoint, spec: ReplaySpec, start: int, stop: int, spike: int, skip_from: int, other_offset: int, run_name: str,
+            t0: float) -> dict:
     steps: list[int] = []
     losses: list[float] = []
     monitor = None
