@@ -54,13 +54,13 @@ class Autopsy(Subcommand):
             return 0
         table = Table(title=f"autopsy of {esc(args.run)}: spike at step {v.spike}, replayed from the checkpoint at step {v.start} "
                             f"to step {v.stop - 1}")
-        attn = any("attn/logit_max" in r.signal_max for r in v.rows)
-        numeric = ("peak loss", "at step", "steps to recover", "final loss", "max attn logit", "run id")
-        cols = ["replay", "peak loss", "at step", "steps to recover", "final loss"] + (["max attn logit"] if attn else [])
+        attn = any("attn/logit_max" in r.signal_final for r in v.rows)
+        numeric = ("peak loss", "at step", "steps to recover", "final loss", "final attn logit", "run id")
+        cols = ["replay", "peak loss", "at step", "steps to recover", "final loss"] + (["final attn logit"] if attn else [])
         for col in cols + ["effect", "signals that moved", "run id"]:
             table.add_column(col, justify="right" if col in numeric else "left")
         for r in v.rows:
-            logit = [fmt(r.signal_max.get("attn/logit_max"), 1)] if attn else []
+            logit = [fmt(r.signal_final.get("attn/logit_max"), 1)] if attn else []
             table.add_row(Text(r.name), fmt(r.peak_loss), "-" if r.peak_step is None else str(r.peak_step),
                           "-" if r.steps_to_recover is None else str(r.steps_to_recover), fmt(r.final_loss), *logit,
                           Text(r.effect + (f" ({r.status})" if r.status != "completed" else "")), Text(", ".join(r.moved) or "-"),

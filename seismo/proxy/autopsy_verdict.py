@@ -15,7 +15,12 @@ checkpoint; the same-data replay is the reference its peak is measured against:
   *reduces* it below ``REDUCED`` x, and *delays* it when its peak comes more than ``DELAY`` steps
   after the spike step and it does not remove it;
 * *steps to recover*: from the peak to the first step whose loss is back within
-  ``RECOVERED`` x the reference height of the baseline (``None``: not within the replay).
+  ``RECOVERED`` x the reference height of the baseline (``None``: not within the replay);
+* a same-data height under ``MIN_HEIGHT`` or under ``NOISE_MULT`` robust standard deviations
+  (1.4826 x MAD) of the pre-spike heights is no spike: the verdict says so rather than read noise;
+* a replay whose signal family ends at least 3x lower or higher than in the same-data replay is
+  named with it (``QK-Clip 100 ends with attn/logit_max x0.004``): what a mitigation does to the
+  signals even where the loss does not spike.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ __all__ = ["ReplayRow", "AutopsyVerdict", "analyse", "REMOVED", "REDUCED", "RECO
 REMOVED = 0.35
 REDUCED = 0.7
 RECOVERED = 0.25
-MIN_HEIGHT = 0.05  # nats: a smaller same-data peak is no spike to explain
+MIN_HEIGHT = 0.05  # a smaller same-data peak (log(peak / baseline)) is no spike to explain
+NOISE_MULT = 4.0  # nor one within 4 robust standard deviations of the losses before it
 DELAY = 3
 
 
@@ -50,6 +56,7 @@ class ReplayRow:
     moved: list[str] = field(default_factory=list)  # signals that moved against the same-data replay
     bitwise: bool | None = None  # same-data replay only: equal to the recorded losses?
     signal_max: dict[str, float] = field(default_factory=dict)  # per signal family, the largest |value| over the replay
+    signal_final: dict[str, float] = field(default_factory=dict)  # per signal family, the largest |value| over modules at its last step
     run_id: int | None = None
     error: str = ""
 
@@ -69,6 +76,8 @@ class AutopsyVerdict:
     reference_height: float  # log(peak / baseline) of the same-data replay (peak - baseline for losses that are not all positive)
     reproduced: str  # "bitwise" | "not bitwise (max |diff| x at step s)" | "not checked"
     fixes: list[str] = field(default_factory=list)  # replays that remove the spike
+    min_height: float = 0.0  # the smallest reference height taken as a spike (MIN_HEIGHT, or NOISE_MULT x the pre-spike noise)
+    signal_effects: list[str] = field(default_factory=list)
 
     def row(self, name: str) -> ReplayRow:
         for r in self.rows:
@@ -117,6 +126,36 @@ def _family_peaks(history: dict, lo: int, hi: int) -> dict[str, float]:
             fam = _family(name)
             out[fam] = max(out.get(fam, 0.0), float(sel.max()))
     return out
+
+
+def _family_finals(history: dict) -> dict[str, float]:
+    """Per signal family: the largest |value| over modules at the family's last recorded step."""
+    last: dict[str, tuple[int, float]] = {}
+    for name, (s, v) in history.items():
+        if name.startswith(("loss", "val/")) or not len(s):
+            continue
+        fam, step, value = _family(name), int(s[-1]), abs(float(v[-1]))
+        if not math.isfinite(value):
+            continue
+        prev = last.get(fam)
+        if prev is None or step > prev[0] or (step == prev[0] and value > prev[1]):
+            last[fam] = (step, value)
+    return {fam: v for fam, (_, v) in last.items()}
+
+
+def signal_effects(rows: list, min_ratio: float = 3.0, top: int = 4) -> list[str]:
+    """Replays that end with a signal family at least ``min_ratio`` x lower (or higher) than the
+    same-data replay, e.g. ``"QK-Clip 100 ends with attn/logit_max x0.004"``, strongest first."""
+    same = next(r for r in rows if r.name == "same data")
+    found = []
+    for r in rows:
+        if r is same or r.status == "failed":
+            continue
+        for fam, v in r.signal_final.items():
+            ref = same.signal_final.get(fam)
+            if ref and v > 0 and (v / ref <= 1 / min_ratio or v / ref >= min_ratio) and not fam.startswith(("adam/", "grad/nonfinite")):
+                found.append((abs(math.log(v / ref)), f"{r.name} ends with {fam} x{v / ref:.2g}"))
+    return [t for _, t in sorted(found, reverse=True)[:top]]
 
 
 def signals_moved(history: dict, reference: dict, lo: int, hi: int, top: int = 3, min_ratio: float = 1.5) -> list[str]:
@@ -190,6 +229,9 @@ def analyse(records: list[dict], kinds: dict[str, str], *, start: int, spike: in
         return baseline * math.exp(height) if positive else baseline + height
 
     ref_height = height_of(ref_peak)
+    pre_h = np.array([height_of(x) for x in pre if np.isfinite(x) and (x > 0 or not positive)])
+    noise = 1.4826 * float(np.median(np.abs(pre_h - np.median(pre_h)))) if len(pre_h) > 2 else 0.0
+    min_height = max(MIN_HEIGHT, NOISE_MULT * noise)
     bitwise, reproduced = _bitwise(same, recorded)
     if recorded:  # the spike as recorded: did the same-data replay reproduce it?
         rec_window = [recorded[s] for s in range(start, stop) if s in recorded]
@@ -216,10 +258,18 @@ def analyse(records: list[dict], kinds: dict[str, str], *, start: int, spike: in
             moved = signals_moved(rec["history"], same["history"], max(start, spike - 2), min(stop - 1, spike + 2))
         rows.append(ReplayRow(rec["name"], kinds.get(rec["name"], ""), rec["status"], peak, pstep, height, recover, final, effect,
                               moved, bitwise if rec["name"] == "same data" else None, _family_peaks(rec["history"], start, stop),
+                              _family_finals(rec["history"]),
                               rec.get("run_id"), rec.get("error", "")))
-    verdict = AutopsyVerdict("", "", rows, start, spike, stop, baseline, ref_height, reproduced)
+    verdict = AutopsyVerdict("", "", rows, start, spike, stop, baseline, ref_height, reproduced, min_height=min_height)
     verdict.fixes = [r.name for r in rows if r.effect == "removes" and r.kind in ("lr", "mitigation")]
+    verdict.signal_effects = signal_effects(rows)
     verdict.cause, verdict.sentence = _sentence(verdict, rec_height, skip_from)
+    if verdict.cause in ("no spike", "not reproduced"):  # nothing to remove: effects on noise mean nothing
+        verdict.fixes = []
+        for r in rows:
+            r.effect = r.effect if r.effect in ("reference", "failed") else "-"
+    if verdict.signal_effects:
+        verdict.sentence += "; over the replay, " + ", ".join(verdict.signal_effects) + " of the same-data replay's value"
     return verdict
 
 
@@ -248,12 +298,13 @@ def _sentence(v: AutopsyVerdict, recorded_height: float, skip_from: int | None) 
     if same.bitwise is False:
         parts.append(f"the same-data replay is {v.reproduced}: the run is not deterministic on this machine "
                      "(thread count, kernels) or the hardware erred")
-    if not (v.reference_height >= MIN_HEIGHT):
-        if math.isfinite(recorded_height) and recorded_height >= MIN_HEIGHT:
+    if not (v.reference_height >= v.min_height):
+        if math.isfinite(recorded_height) and recorded_height >= v.min_height:
             return "not reproduced", "; ".join(parts + [
                 f"the same-data replay from step {v.start} does not reproduce the spike (height {v.reference_height:.3g} "
                 f"against {recorded_height:.3g} recorded): non-determinism or a hardware error, not the data or the state"])
-        return "no spike", f"no loss spike between steps {v.start} and {v.stop - 1} (peak {same.peak_loss:.4g} at step {same.peak_step})"
+        return "no spike", (f"No loss spike between steps {v.start} and {v.stop - 1}: the same-data peak {same.peak_loss:.4g} at step "
+                            f"{same.peak_step} is {v.reference_height:.3g} over the baseline, within the noise ({v.min_height:.3g})")
     rows = {r.name: r for r in v.rows}
     other, reorder = rows.get("other data"), rows.get("reordered data")
     lo = v.start

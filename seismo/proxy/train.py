@@ -48,6 +48,7 @@ from seismo.store import RunStore
 __all__ = [
     "OptimConfig", "SeqlenWarmupConfig", "TrainConfig", "RunResult", "Terminated", "train", "save_checkpoint", "load_checkpoint",
     "error_summary", "sigterm_interrupts", "refuse_finished_run", "poison_batch", "archive_checkpoint", "checkpoint_history",
+    "spike_event_steps",
 ]
 
 DECAYS = ("cosine", "linear", "constant")
@@ -529,7 +530,7 @@ def _train_loop(cfg, ds, model, optimizer, losses, val_losses, seq_len, start, m
             if done == cfg.steps:  # the final validation goes into the last checkpoint: a resume does not redo (and log) it
                 _final_validation(model, ds, cfg, seq_len, val_losses, monitor, done)
             _checkpoint(ckpt_path, model, optimizer, done, losses, val_losses, run_id, monitor, run_uid, cfg.to_dict())
-            archive_checkpoint(ckpt_path, done, cfg.checkpoint_keep)
+            archive_checkpoint(ckpt_path, done, cfg.checkpoint_keep, spike_event_steps(monitor))
         if cfg.stop_at and done >= cfg.stop_at and done < cfg.steps:
             status = "interrupted"
             break
@@ -662,9 +663,21 @@ def _write_json(path: Path, data: dict) -> None:
 CHECKPOINT_HISTORY = "checkpoints"  # <out_dir>/checkpoints/step-000300.pt: periodic checkpoints, newest `checkpoint_keep`
 
 
-def archive_checkpoint(ckpt_path: Path, step: int, keep: int) -> None:
+SPIKE_KINDS = ("spike", "nonfinite", "divergence")  # event kinds whose preceding checkpoints are kept for an autopsy
+
+
+def spike_event_steps(monitor) -> list[int]:
+    """The steps of the monitor's spike, non-finite and divergence events so far."""
+    if monitor is None:
+        return []
+    return sorted({int(e.step) for e in monitor.events if any(k in e.kind for k in SPIKE_KINDS)})
+
+
+def archive_checkpoint(ckpt_path: Path, step: int, keep: int, protect: list[int] | tuple[int, ...] = ()) -> None:
     """Keep ``ckpt_path`` (just written for ``step``) as ``checkpoints/step-<step>.pt`` (a hard link,
-    or a copy where links are not possible) and delete all but the newest ``keep`` (0 = keep all)."""
+    or a copy where links are not possible) and delete all but the newest ``keep`` (0 = keep all)
+    and, for each step in ``protect`` (spike events), the two newest checkpoints before it: what
+    ``seismo autopsy`` of that spike starts from."""
     history = ckpt_path.parent / CHECKPOINT_HISTORY
     history.mkdir(exist_ok=True)
     target = history / f"step-{step:06d}.pt"
@@ -678,8 +691,11 @@ def archive_checkpoint(ckpt_path: Path, step: int, keep: int) -> None:
         shutil.copyfile(ckpt_path, tmp)
     os.replace(tmp, target)
     if keep:
-        for old in sorted(checkpoint_history(ckpt_path.parent).items())[:-keep]:
-            old[1].unlink(missing_ok=True)
+        kept = sorted(checkpoint_history(ckpt_path.parent).items())
+        needed = {s for e in protect for s in [s for s, _ in kept if s < e][-2:]}
+        for s, old in kept[:-keep]:
+            if s not in needed:
+                old.unlink(missing_ok=True)
 
 
 def checkpoint_history(run_dir: str | os.PathLike) -> dict[int, Path]:

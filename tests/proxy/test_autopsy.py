@@ -61,6 +61,10 @@ def test_archive_keeps_the_newest_checkpoints(tmp_path):
     kept = checkpoint_history(tmp_path)
     assert sorted(kept) == [20, 30, 40]
     assert torch.load(kept[20], weights_only=True)["step"] == 20  # each file is its own step's, not the latest
+    for step in (50, 60, 70):  # a spike event at step 45: the two checkpoints before it stay
+        atomic_torch_save({"step": step}, ck)
+        archive_checkpoint(ck, step, keep=2, protect=[45])
+    assert sorted(checkpoint_history(tmp_path)) == [30, 40, 60, 70]
 
 
 def test_poison_batch_is_uniform_random_and_keeps_ignored_targets():
