@@ -143,6 +143,10 @@ def _family_finals(history: dict) -> dict[str, float]:
     return {fam: v for fam, (_, v) in last.items()}
 
 
+# signals whose ratios mean little: Adam statistics every 10 steps, entropies near 0 after a collapse, fractions
+_NOT_COMPARED = ("adam/", "grad/nonfinite", "attn/entropy", "logits/zero", "logits/softmax")
+
+
 def signal_effects(rows: list, min_ratio: float = 3.0, top: int = 4) -> list[str]:
     """Replays that end with a signal family at least ``min_ratio`` x lower (or higher) than the
     same-data replay, e.g. ``"QK-Clip 100 ends with attn/logit_max x0.004"``, strongest first."""
@@ -153,9 +157,16 @@ def signal_effects(rows: list, min_ratio: float = 3.0, top: int = 4) -> list[str
             continue
         for fam, v in r.signal_final.items():
             ref = same.signal_final.get(fam)
-            if ref and v > 0 and (v / ref <= 1 / min_ratio or v / ref >= min_ratio) and not fam.startswith(("adam/", "grad/nonfinite")):
+            if ref and v > 0 and (v / ref <= 1 / min_ratio or v / ref >= min_ratio) and not fam.startswith(_NOT_COMPARED):
                 found.append((abs(math.log(v / ref)), f"{r.name} ends with {fam} x{v / ref:.2g}"))
-    return [t for _, t in sorted(found, reverse=True)[:top]]
+    seen: set[str] = set()
+    out = []
+    for _, text in sorted(found, reverse=True):  # the strongest change per replay
+        name = text.split(" ends with ")[0]
+        if name not in seen:
+            seen.add(name)
+            out.append(text)
+    return out[:top]
 
 
 def signals_moved(history: dict, reference: dict, lo: int, hi: int, top: int = 3, min_ratio: float = 1.5) -> list[str]:
