@@ -37,6 +37,7 @@ from seismo.monitor.config import MONITOR_PRESETS, MonitorConfig
 from seismo.monitor.fanout import SinkFanout
 from seismo.monitor.presets import build_probes, probes_for
 from seismo.monitor.probe import HookedProbe, Probe, ProbeContext, ProbeFailure
+from seismo.store.batches import log_batches
 from seismo.store.run_store import RunStore
 from seismo.store.sink import StoreSink
 
@@ -117,6 +118,7 @@ class Monitor:
         self.events: list[Event] = []
         self._warned: set[str] = set()
         self._pending: list[tuple[int, list[str], Tensor]] = []
+        self._pending_batches: list[tuple[int, Tensor, Tensor | None]] = []  # (step, sample ids, per-sample losses)
         self._since_flush = 0
         self._step = config.start_step
         self._closed = False
@@ -196,17 +198,24 @@ class Monitor:
         """Index of the next step :meth:`step` will record."""
         return self._step
 
-    def step(self, loss: Tensor | float | None = None) -> dict[str, Tensor] | None:
+    def step(self, loss: Tensor | float | None = None, batch_ids: Tensor | Sequence[int] | None = None,
+             sample_losses: Tensor | Sequence[float] | None = None) -> dict[str, Tensor] | None:
         """Finish the current step: collect armed probes, arm the next step's. Returns this
         step's record (name -> 0-d tensor on the device) or None if nothing was tracked.
 
         ``loss`` is this step's loss: a scalar tensor (0-d or one element) or a number.
+        ``batch_ids`` (optional, every step): the indices of the samples that formed this step's
+        batch (a 1-D int tensor or a list), stored in the run store's ``batches`` table so a loss
+        spike names its batch; ``sample_losses`` (optional): each sample's loss, same length.
+        Both stay on the device until the flush (no host sync here).
         """
         if self._closed:
             raise RuntimeError("Monitor.step() after close()")
         if loss is not None:
             loss = _scalar_loss(loss)
         step = self._step
+        if batch_ids is not None:
+            self._pending_batches.append((step, *_batch_tensors(batch_ids, sample_losses)))
         record: dict[str, Tensor] = {}
         for p in list(self.probes):
             if p.name not in self._armed:
@@ -242,6 +251,8 @@ class Monitor:
     def flush(self) -> None:
         """Move pending values to the host (one transfer) and hand them to listeners and sinks."""
         self._since_flush = 0
+        if self._pending_batches:
+            self._flush_batches()
         if not self._pending:
             return
         pending, self._pending = self._pending, []
@@ -272,6 +283,25 @@ class Monitor:
                     self.listeners.remove(fn)
                     warnings.warn(f"seismo: listener {getattr(fn, '__name__', fn)!r} is off: {exc!r}", RuntimeWarning, stacklevel=2)
         self.emit(self.fanout.write_records(records))
+
+    def _flush_batches(self) -> None:
+        """Write the pending batch ids (and per-sample losses) to the run store (one host transfer)."""
+        pending, self._pending_batches = self._pending_batches, []
+        sink = next((s for s in self.fanout.sinks if isinstance(s, StoreSink)), None)
+        if sink is None or "batches" in self.disabled:
+            return
+        try:
+            ids = torch.cat([t.to("cpu", torch.int64) for _, t, _ in pending]).tolist()
+            losses = [None if lo is None else lo.to("cpu", torch.float32) for _, _, lo in pending]
+            rows, pos = [], 0
+            for (step, t, _), lo in zip(pending, losses):
+                n = t.numel()
+                rows.append((step, ids[pos: pos + n], None if lo is None else lo.tolist()))
+                pos += n
+            log_batches(sink.store, sink.run_id, rows)
+        except Exception as exc:  # noqa: BLE001 - recording batch ids must never kill training: turned off, warned once
+            self.disabled["batches"] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"seismo: batch ids are no longer recorded: {exc!r}", RuntimeWarning, stacklevel=2)
 
     def add_listener(self, fn: Listener) -> None:
         self.listeners.append(fn)
@@ -330,6 +360,21 @@ class Monitor:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close("failed" if exc_type is not None else "completed")
+
+
+def _batch_tensors(batch_ids: Any, sample_losses: Any) -> tuple[Tensor, Tensor | None]:
+    """``batch_ids`` as a detached 1-D tensor (device kept) and ``sample_losses`` likewise; a
+    one-line ConfigError for anything else."""
+    ids = batch_ids.detach() if isinstance(batch_ids, Tensor) else torch.as_tensor(list(batch_ids), dtype=torch.int64)
+    if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
+        raise ConfigError(f"batch_ids: Monitor.step needs a 1-D tensor or list of integer sample indices, got {ids.dtype} of shape "
+                          f"{tuple(ids.shape)}")
+    if sample_losses is None:
+        return ids.clone(), None
+    lo = sample_losses.detach() if isinstance(sample_losses, Tensor) else torch.as_tensor(list(sample_losses), dtype=torch.float32)
+    if tuple(lo.shape) != tuple(ids.shape):
+        raise ConfigError(f"sample_losses: Monitor.step needs one loss per batch id ({ids.numel()}), got shape {tuple(lo.shape)}")
+    return ids.clone(), lo.float().clone()
 
 
 def _scalar_loss(loss: Any) -> Tensor:
