@@ -8,6 +8,12 @@ Gradients are read by per-parameter post-accumulate-grad hooks installed only on
 so they are seen before any clipping the loop applies and before ``zero_grad``. Under
 ``torch.distributed`` (world size > 1) the local gradients are not yet averaged at that point,
 so the probe reads the averaged gradients in the optimizer's pre-step hook instead.
+
+Sharded parameters (FSDP2's ``fully_shard``, tensor parallel: ``DTensor`` parameters and
+gradients) are reduced with DTensor semantics: each rank sums the squares of its local shard,
+a replicated mesh dimension is weighted by 1 / its size, and one all-reduce per mesh dimension
+(on tracked steps only, no host sync) turns the local sums into the norms of the full tensors.
+A parameter with a ``Partial`` placement disables the probe with a clear message.
 """
 
 from __future__ import annotations
@@ -15,6 +21,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+try:  # torch built without distributed support has no DTensor
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - depends on the torch build
+    DTensor = None
 
 from seismo.monitor.probe import HookedProbe, ProbeContext, ProbeFailure, param_modules
 from seismo.monitor.tracking import Schedule
@@ -33,6 +44,52 @@ def _index(groups: dict[str, list]) -> tuple[list[str], list[Tensor], Tensor, Te
     for i, p in zip(owner, params):
         numel[i] += p.numel()
     return names, params, torch.tensor(owner), numel
+
+
+def _local(t: Tensor) -> Tensor:
+    """The rank's own shard of a DTensor; a plain tensor unchanged."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+class _ShardedSums:
+    """Turns per-parameter sums over local shards into sums over the full (DTensor) parameters.
+
+    Built once from the parameter list; for plain tensors (no DTensor parameter) it is the identity.
+    """
+
+    def __init__(self, params: list[Tensor]):
+        by_mesh: dict[int, tuple[object, list[int], list[float]]] = {}
+        for i, p in enumerate(params):
+            if DTensor is None or not isinstance(p, DTensor):
+                continue
+            weight = 1.0
+            for dim, placement in enumerate(p.placements):
+                if placement.is_partial():
+                    raise ProbeFailure(f"parameter {i} is a DTensor with a Partial placement on mesh dimension {dim}: "
+                                       "its norm is not a sum of its shards' norms")
+                if placement.is_replicate():
+                    weight /= p.device_mesh.size(dim)
+            mesh = p.device_mesh
+            entry = by_mesh.setdefault(id(mesh), (mesh, [], []))
+            entry[1].append(i)
+            entry[2].append(weight)
+        self.groups = [
+            ([mesh.get_group(d) for d in range(mesh.ndim) if mesh.size(d) > 1], torch.tensor(idx), torch.tensor(w))
+            for mesh, idx, w in by_mesh.values()
+        ]
+
+    def __call__(self, sums: Tensor) -> Tensor:
+        """``sums``: (..., n_params) local sums; returns the global sums (a new tensor when sharded)."""
+        if not self.groups:
+            return sums
+        sums = sums.clone()
+        for process_groups, idx, weight in self.groups:
+            idx, weight = idx.to(sums.device), weight.to(sums.device)
+            part = sums.index_select(-1, idx) * weight
+            for pg in process_groups:  # a sum over each mesh dimension in turn is the sum over the mesh
+                dist.all_reduce(part, group=pg)
+            sums.index_copy_(-1, idx, part)
+        return sums
 
 
 class GradientProbe(HookedProbe):
@@ -64,6 +121,7 @@ class GradientProbe(HookedProbe):
         self._zero = torch.zeros((), device=dev)
         self._sq = [None] * len(self.params)
         self._bad = [None] * len(self.params)
+        self._sharded = _ShardedSums(self.params)
         self._hook = self.guard(self._record)  # wrapped once, registered on tracked steps
         if self.source == "auto":
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -77,7 +135,7 @@ class GradientProbe(HookedProbe):
         g = p.grad
         if g is None or not self.armed:
             return
-        g = g.detach()
+        g = _local(g.detach())
         i = self._slot[id(p)]
         flat = g.reshape(-1)
         if flat.dtype not in (torch.float32, torch.float64):
@@ -117,7 +175,7 @@ class GradientProbe(HookedProbe):
         def vec(values: list[Tensor | None]) -> Tensor:  # one stack instead of an index_put per parameter
             return torch.stack([zero if v is None else (v if v.device == dev else v.to(dev)) for v in values]).float()
 
-        sq, bad = vec(self._sq), vec(self._bad)
+        sq, bad = self._sharded(torch.stack([vec(self._sq), vec(self._bad)])).unbind()
         self._sq = [None] * len(self.params)
         self._bad = [None] * len(self.params)
         out = {"grad/norm": sq.sum().sqrt(), "grad/nonfinite": bad.sum()}
@@ -148,22 +206,25 @@ class UpdateProbe(HookedProbe):
         groups = param_modules(ctx.model)
         self.modules, self.params, owner, _ = _index(groups)
         self._owner = owner.to(self.params[0].device)
+        self._sharded = _ShardedSums(self.params)
         self.hooks.add(ctx.optimizer.register_step_pre_hook(self.guard(self._pre)))
         self.hooks.add(ctx.optimizer.register_step_post_hook(self.guard(self._post)))
 
     @torch.no_grad()
     def _pre(self, optimizer, args, kwargs) -> None:
         if self.armed:
-            self._before = [p.detach().clone() for p in self.params]
+            self._before = [_local(p.detach()).clone() for p in self.params]
 
     @torch.no_grad()
     def _post(self, optimizer, args, kwargs) -> None:
         if not self.armed or self._before is None:
             return
         dev = self._owner.device
-        psq = torch.stack([p.detach().float().pow(2).sum() for p in self.params])
-        usq = torch.stack([(p.detach().float() - b.float()).pow(2).sum() for p, b in zip(self.params, self._before)])
+        local = [_local(p.detach()) for p in self.params]
+        psq = torch.stack([p.float().pow(2).sum() for p in local])
+        usq = torch.stack([(p.float() - b.float()).pow(2).sum() for p, b in zip(local, self._before)])
         self._before = None
+        psq, usq = self._sharded(torch.stack([psq, usq])).unbind()
         mp = torch.zeros(len(self.modules), device=dev).index_add_(0, self._owner, psq).sqrt()
         mu = torch.zeros(len(self.modules), device=dev).index_add_(0, self._owner, usq).sqrt()
         ratio = mu / mp.clamp_min(1e-30)

@@ -1,0 +1,100 @@
+"""The Monitor under FSDP2 (``fully_shard``): 2 CPU processes with gloo, TinyGPT.
+
+FSDP2 turns every parameter and gradient into a DTensor sharded on dim 0. Each rank trains on its
+half of a fixed batch; FSDP2 averages the gradients (reduce-scatter), so the sharded gradient is
+the full-batch gradient. The reference is the same model, unsharded, trained in one process on the
+full batch (computed in each worker, before sharding). Every gradient / parameter / update norm,
+global and per module, must equal the reference's (rel 1e-6), on both ranks, and the attention
+probe must record its signals. A tensor-parallel DTensor parameter (Replicate placement) must be
+counted once, not once per rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import os
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from seismo.monitor import Monitor
+from seismo.proxy.model import GPTConfig, TinyGPT
+
+WORLD = 2
+STEPS = 3
+CFG = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+NORMS = ("grad/norm", "param/norm", "update/norm", "grad/norm/", "grad/rms/", "param/norm/", "update/ratio/")
+
+
+def batch(step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randint(0, CFG.vocab_size, (4, CFG.block_size + 1), generator=g)
+
+
+def train(model, tokens_of, steps: int) -> dict[str, list[float]]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # probes that cannot read DTensor state warn once
+        mon = Monitor(model, opt, probes="full", flush_every=1)
+        for step in range(steps):
+            tok = tokens_of(step)
+            logits, _ = model(tok[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tok[:, 1:].reshape(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mon.step(loss)
+        mon.close()
+    return {n: vs for n, (_, vs) in mon.history.items()}
+
+
+def _worker(rank: int, out_dir: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rdzv')}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    try:
+        torch.manual_seed(0)
+        model = TinyGPT(CFG)
+        reference = train(copy.deepcopy(model), batch, STEPS)  # one process, full batch, plain tensors
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+        half = slice(rank * 2, rank * 2 + 2)
+        sharded = train(model, lambda s: batch(s)[half], STEPS)
+
+        # tensor-parallel style: a Replicate DTensor parameter (every rank holds the whole tensor)
+        from seismo.monitor.gradients import _ShardedSums
+        mesh = init_device_mesh("cpu", (WORLD,))
+        w = torch.nn.Parameter(distribute_tensor(torch.full((3, 4), 2.0), mesh, [Replicate()]))
+        replicated_sq = _ShardedSums([w])(torch.tensor([[48.0]])).item()  # 12 entries of 2.0 squared
+        torch.save({"reference": reference, "sharded": sharded, "replicated_sq": replicated_sq},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_fsdp2_norms_equal_the_unsharded_run(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
+    ref = r0["reference"]
+    names = [n for n in ref if n.startswith(NORMS)]
+    assert "grad/norm/transformer.h.0.attn.c_attn" in names and "update/ratio/lm_head" in names
+    for r in (r0, r1):
+        assert r["replicated_sq"] == 48.0  # counted once, not once per rank
+        for n in names:
+            assert n in r["sharded"], n
+            for a, b in zip(r["sharded"][n], ref[n]):
+                assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12), (n, a, b)
+        attn = [n for n in r["sharded"] if n.startswith("attn/logit_max/")]
+        assert len(attn) == CFG.n_layer and all(len(r["sharded"][n]) == STEPS for n in attn)
+    assert all(r0["sharded"][n] == r1["sharded"][n] for n in names)  # every rank records the same norms
