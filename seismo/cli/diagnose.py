@@ -10,6 +10,8 @@ from rich.text import Text
 
 from seismo.cli._common import DEFAULT_STORE, Subcommand, console, esc, existing_store
 from seismo.diagnose.engine import diagnose_run
+from seismo.proxy.batch_text import spike_batches
+from seismo.store import RunStore
 
 __all__ = ["Diagnose"]
 
@@ -52,6 +54,16 @@ class Diagnose(Subcommand):
         for shared in d.shared_spikes:
             con.print(f"Data-caused: the {esc(shared['kind'])} at step {shared['step']} also happened in "
                       f"{esc(', '.join(shared['runs']))} (same data order): a batch, not this run's state.")
+        with RunStore(path) as store:
+            batches = spike_batches(store, args.run, d.events)
+        for event, seqs in batches:
+            con.print(f"Batch of the loss spike at step {event.step} ({esc(event.severity)}), highest-loss sequences first:")
+            if isinstance(seqs, str):
+                con.print(f"  (cannot show its text: {esc(seqs)})")
+            for s in seqs[:4] if not isinstance(seqs, str) else ():
+                ident = "poisoned (random tokens)" if s.id < 0 else f"offset {s.id}"
+                loss = "" if s.loss is None else f", loss {s.loss:.2f}"
+                con.print(f"  #{s.position} {esc(ident)}{loss}: {esc(s.text)}")
         if d.modules:
             con.print("Modules involved: " + ", ".join(f"{esc(m)} ({n})" for m, n in list(d.modules.items())[:8]))
         if d.recommendations:

@@ -38,6 +38,7 @@ from seismo.mitigate.losses import z_loss
 from seismo.mitigate.param_groups import decay_groups, independent_weight_decay, mup_param_groups
 from seismo.mitigate.schedules import lr_at, seqlen_warmup
 from seismo.monitor import PRESETS
+from seismo.proxy.batch_text import batch_record
 from seismo.proxy.checkpoint import load_resume_checkpoint
 from seismo.proxy.config import from_dict, to_dict
 from seismo.proxy.data import DataConfig, load_dataset
@@ -503,8 +504,8 @@ def _train_loop(cfg, ds, model, optimizer, losses, val_losses, seq_len, start, m
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
         losses[step] = loss.detach()
-        if monitor is not None:
-            monitor.step(loss)
+        if monitor is not None:  # which sequences formed the batch and their losses: a spike names its batch
+            monitor.step(loss, **batch_record(ds, cfg.seed, step, seq_len, logits, y, step in poison_steps))
 
         # 3. every log_every steps: one host sync, divergence check, progress
         done = step + 1
