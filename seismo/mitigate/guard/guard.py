@@ -266,6 +266,8 @@ class Guard:
                   if with_grad else torch.zeros((), device=device))
         else:
             gn = grad_norm.detach() if isinstance(grad_norm, Tensor) else torch.tensor(float(grad_norm))
+        if hasattr(gn, "full_tensor"):  # a DTensor (FSDP2, tensor parallel): the norm of the full gradient
+            gn = gn.full_tensor()
         gn = gn.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
 
         vals = torch.stack([loss_t, gn])
