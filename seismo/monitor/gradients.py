@@ -27,10 +27,11 @@ try:  # torch built without distributed support has no DTensor
 except ImportError:  # pragma: no cover - depends on the torch build
     DTensor = None
 
+from seismo.errors import ConfigError
 from seismo.monitor.probe import HookedProbe, ProbeContext, ProbeFailure, param_modules
 from seismo.monitor.tracking import Schedule
 
-__all__ = ["GradientProbe", "UpdateProbe"]
+__all__ = ["GradientProbe", "UpdateProbe", "use_grad_scaler"]
 
 
 def _index(groups: dict[str, list]) -> tuple[list[str], list[Tensor], Tensor, Tensor]:
@@ -98,14 +99,22 @@ class GradientProbe(HookedProbe):
     ``source``: ``"backward"`` reads each gradient as it is accumulated, ``"optimizer"`` in the
     optimizer's pre-step hook (needed under DDP, where the hooks see local gradients), ``"auto"``
     picks the latter when a process group of more than one rank is initialised.
+
+    ``scaler``: the loop's ``torch.amp.GradScaler`` (fp16), or set later with
+    :func:`use_grad_scaler`. Gradients read during the backward are scaled; the probe divides
+    their norms by the scale the backward ran with, so the signals are the unscaled gradients'.
+    (At the optimizer step ``scaler.step`` has unscaled them already.)
     """
 
-    def __init__(self, name: str = "grad", schedule: Schedule | None = None, per_module: bool = True, source: str = "auto"):
+    def __init__(self, name: str = "grad", schedule: Schedule | None = None, per_module: bool = True, source: str = "auto",
+                 scaler: object | None = None):
         if source not in ("auto", "backward", "optimizer"):
             raise ValueError(f"GradientProbe source must be 'auto', 'backward' or 'optimizer', got {source!r}")
         super().__init__(name, schedule)
         self.per_module = per_module
         self.source = source
+        self.scaler = scaler
+        self._scale: Tensor | None = None  # the loss scale the gradients seen this step were made with
         # per parameter slot: squared sum and non-finite count of the gradient seen this step
         self._sq: list[Tensor | None] = []
         self._bad: list[Tensor | None] = []
@@ -136,6 +145,10 @@ class GradientProbe(HookedProbe):
         if g is None or not self.armed:
             return
         g = _local(g.detach())
+        if self._scale is None and self.scaler is not None and self.source == "backward":
+            scale = getattr(self.scaler, "_scale", None)  # None until the scaler's first scale(); no host sync
+            if scale is not None and self.scaler.is_enabled():
+                self._scale = scale.detach().clone()  # scaler.update() changes it in place before compute()
         i = self._slot[id(p)]
         flat = g.reshape(-1)
         if flat.dtype not in (torch.float32, torch.float64):
@@ -150,6 +163,7 @@ class GradientProbe(HookedProbe):
         n = len(self.params)
         self._sq = [None] * n
         self._bad = [None] * n
+        self._scale = None
         if self.source == "backward" and not self.step_hooks.handles:
             hook = self._hook
             self.step_hooks.handles.extend(p.register_post_accumulate_grad_hook(hook) for p in self.params)
@@ -176,6 +190,9 @@ class GradientProbe(HookedProbe):
             return torch.stack([zero if v is None else (v if v.device == dev else v.to(dev)) for v in values]).float()
 
         sq, bad = self._sharded(torch.stack([vec(self._sq), vec(self._bad)])).unbind()
+        if self._scale is not None:
+            sq = sq / self._scale.to(dev).float().square()
+            self._scale = None
         self._sq = [None] * len(self.params)
         self._bad = [None] * len(self.params)
         out = {"grad/norm": sq.sum().sqrt(), "grad/nonfinite": bad.sum()}
@@ -187,6 +204,18 @@ class GradientProbe(HookedProbe):
                 out[f"grad/norm/{m}"] = norms[i]
                 out[f"grad/rms/{m}"] = rms[i]
         return out
+
+
+def use_grad_scaler(probes: object, scaler: object) -> None:
+    """Make the gradient probes of ``probes`` (a Monitor or a list of probes) read unscaled gradients.
+
+    Call it once after building the Monitor, with the loop's ``torch.amp.GradScaler``.
+    """
+    found = [p for p in getattr(probes, "probes", probes) if isinstance(p, GradientProbe)]
+    if not found:
+        raise ConfigError("probes: use_grad_scaler found no GradientProbe among the monitor's probes")
+    for p in found:
+        p.scaler = scaler
 
 
 class UpdateProbe(HookedProbe):

@@ -1,0 +1,67 @@
+"""fp16 with ``torch.amp.GradScaler`` on CPU: the Monitor's gradient signals are the unscaled ones.
+
+The same fp16-autocast model and batches are trained twice: once with a GradScaler at 2**12
+(the backward's gradients are 4096x the true ones; scaling by a power of two is exact in fp16
+away from under/overflow), once without scaling. The gradient norms the Monitor records in the
+scaled run, read during the backward (before ``scaler.step`` unscales), must equal the unscaled
+run's; without ``use_grad_scaler`` they are 4096x larger (the check can fail).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seismo.errors import ConfigError
+from seismo.monitor import Monitor
+from seismo.monitor.gradients import use_grad_scaler
+
+SCALE = 2.0**12
+STEPS = 4
+
+
+def run(scaler: torch.amp.GradScaler | None, tell_monitor: bool = True) -> dict[str, list[float]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    mon = Monitor(model, opt, probes="minimal", flush_every=1)
+    if scaler is not None and tell_monitor:
+        use_grad_scaler(mon, scaler)
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad(set_to_none=True)
+        mon.step(loss)
+    mon.close()
+    return {n: vs for n, (_, vs) in mon.history.items()}
+
+
+def test_gradient_norms_are_the_unscaled_ones():
+    ref = run(None)
+    scaled = run(torch.amp.GradScaler("cpu", init_scale=SCALE))
+    names = [n for n in ref if n.startswith("grad/norm")]
+    assert "grad/norm" in names and len(names) >= 3
+    for n in names:
+        assert len(scaled[n]) == STEPS
+        for a, b in zip(scaled[n], ref[n]):
+            assert math.isclose(a, b, rel_tol=1e-6), (n, a, b)
+    raw = run(torch.amp.GradScaler("cpu", init_scale=SCALE), tell_monitor=False)
+    assert math.isclose(raw["grad/norm"][0], SCALE * ref["grad/norm"][0], rel_tol=1e-6)
+
+
+def test_use_grad_scaler_needs_a_gradient_probe():
+    with pytest.raises(ConfigError, match="GradientProbe"):
+        use_grad_scaler([], torch.amp.GradScaler("cpu"))
