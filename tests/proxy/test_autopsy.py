@@ -176,6 +176,7 @@ def test_any_loop_poisoned_batch_is_data_caused():
     assert all(torch.equal(a, b) for a, b in zip(before["optim"]["state"][0].values(), after["optim"]["state"][0].values()))
 
 
+@pytest.mark.slow  # two spawned workers import torch and seismo: ~5 s alone, ~25 s on a loaded machine
 def test_any_loop_replays_in_worker_processes_give_the_same_table():
     losses, cks = _regression_run()
     kw = dict(make_batch=_regression_batch, build=_regression_build, loss_fn=_regression_loss, checkpoint=cks, step=POISON_STEP,
