@@ -173,8 +173,8 @@ def main() -> None:
         import cockpit
 
         versions = f"cockpit-for-pytorch {version('cockpit-for-pytorch')}, backpack-for-pytorch {version('backpack-for-pytorch')}"
-    except Exception as exc:  # report, do not fake numbers
-        raise SystemExit(f"cannot import Cockpit/BackPACK: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - any import failure: report it, do not fake numbers
+        raise SystemExit(f"cannot import Cockpit/BackPACK: {type(exc).__name__}: {exc}") from None
     del backpack, cockpit
     print(f"machine: nproc={os.cpu_count()}, CPU {cpu_model()!r}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"python {platform.python_version()}; {versions}")

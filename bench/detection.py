@@ -183,7 +183,7 @@ def tune(n_loss: int, n_grad: int, log=print) -> dict:
         grid = [dict(z=z, rel=r) for z in (5.0, 6.0, 7.0, 8.0, 10.0, 12.0) for r in ((0.02, 0.05, 0.1, 0.2) if signal == "loss" else (0.5, 1.0, 2.0))]
         rows = []
 
-        def evaluate(params):
+        def evaluate(params, subset=subset, rows=rows, signal=signal):
             t0 = time.time()
             sc = combine(match(seismo_alarms(s, **params), s.episodes) for s in subset)
             rows.append(dict(params=params, f1=sc.f1, precision=sc.precision, recall=sc.recall,

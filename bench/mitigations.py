@@ -109,7 +109,7 @@ def run_spikes(quick: bool, beta2: float = 0.999) -> list[tuple]:
         apply_overrides(cfg, ov + [f"spikes.steps={spikes}", "spikes.factor=1000"])
         try:
             r = train(cfg)
-        except Exception as exc:  # e.g. pytorch-optimizer not installed
+        except Exception as exc:  # noqa: BLE001 - e.g. pytorch-optimizer not installed: a row says so
             out.append((label, math.nan, f"skipped: {exc}"))
             continue
         out.append((label, r.final_train_loss, abs(r.final_train_loss - clean.final_train_loss)))

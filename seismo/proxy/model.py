@@ -97,7 +97,8 @@ class GPTConfig:
         need(self.norm in NORMS, "norm", f"must be one of {NORMS}, got {self.norm!r}")
         need(self.attention in ATTENTIONS, "attention", f"must be one of {ATTENTIONS}, got {self.attention!r}")
         need(self.output in OUTPUTS, "output", f"must be one of {OUTPUTS}, got {self.output!r}")
-        need(self.parametrization in PARAMETRIZATIONS, "parametrization", f"must be one of {PARAMETRIZATIONS}, got {self.parametrization!r}")
+        need(self.parametrization in PARAMETRIZATIONS, "parametrization",
+             f"must be one of {PARAMETRIZATIONS}, got {self.parametrization!r}")
         need(self.sigma_gamma_init in GAMMA_INITS, "sigma_gamma_init", f"must be one of {GAMMA_INITS}, got {self.sigma_gamma_init!r}")
         for f in ("attn_softcap", "final_softcap"):
             v = getattr(self, f)

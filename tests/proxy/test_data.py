@@ -158,7 +158,9 @@ def test_modular_has_all_pairs_once():
     assert ds.vocab_size == P + 1
 
 
-@pytest.mark.parametrize("op, fn", [("add", lambda a, b: (a + b) % P), ("sub", lambda a, b: (a - b) % P), ("mul", lambda a, b: (a * b) % P)])
+@pytest.mark.parametrize(
+    "op, fn", [("add", lambda a, b: (a + b) % P), ("sub", lambda a, b: (a - b) % P), ("mul", lambda a, b: (a * b) % P)]
+)
 def test_modular_labels(op, fn):
     ds = ModularDataset(P, op, 0.3, 1)
     x, y = all_rows(ds)

@@ -104,7 +104,7 @@ def test_qk_norm_bounds_attention_logits_by_sqrt_head_dim():
                 block.attn.c_attn.weight.mul_(50.0)  # blow up q and k
         seen = []
         for block in model.transformer.h:
-            block.attn.logit_tap.register_forward_hook(lambda m, i, o: seen.append(o))
+            block.attn.logit_tap.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o))
         with torch.no_grad():
             model(tokens())
         maxes[qk] = max(float(z[torch.isfinite(z)].abs().max()) for z in seen)
@@ -134,7 +134,7 @@ def test_cosine_scale_is_clamped_at_100():
         if attn.c_attn.bias is not None:
             attn.c_attn.bias[C : 2 * C] = attn.c_attn.bias[:C]
     seen = []
-    attn.logit_tap.register_forward_hook(lambda m, i, o: seen.append(o))
+    attn.logit_tap.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o))
     with torch.no_grad():
         model(tokens())
     z = seen[0]
@@ -251,7 +251,7 @@ def test_sigma_reparam_gamma_sigma0_is_identity_at_init():
 def test_sigma_reparam_gamma_one_has_unit_spectral_norm():
     model = make(sigma_reparam=True, sigma_gamma_init="one")
     model.eval()  # read the weights without advancing the power iteration
-    for name, mod in model.named_modules():
+    for mod in model.modules():
         if isinstance(mod, nn.Linear):
             torch.testing.assert_close(torch.linalg.matrix_norm(mod.weight.detach(), 2), torch.tensor(1.0), rtol=1e-4, atol=0)
 
@@ -370,7 +370,7 @@ def test_mup_attention_scale_is_one_over_head_dim():
         model = make(parametrization=param, mup_base_width=8, n_layer=1)
         attn = model.transformer.h[0].attn
         seen, xs = [], []
-        attn.logit_tap.register_forward_hook(lambda m, i, o: seen.append(o))
+        attn.logit_tap.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o))
         capture(attn, xs, "input")
         with torch.no_grad():
             model(tokens())
