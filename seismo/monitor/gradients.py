@@ -47,6 +47,28 @@ def _index(groups: dict[str, list]) -> tuple[list[str], list[Tensor], Tensor, Te
     return names, params, torch.tensor(owner), numel
 
 
+#: Per-module signals of at most this many modules per tracked step; larger models are sampled round-robin.
+MAX_MODULES_PER_STEP = 512
+
+
+class _RoundRobin:
+    """Which modules' per-module signals a tracked step reports: all of them when there are at most
+    ``limit``, else the next ``limit`` in turn, so each module is reported every ceil(n / limit) tracked
+    steps and the host work per step (record entries, host transfers at flush) stays bounded."""
+
+    def __init__(self, n: int, limit: int | None):
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ConfigError(f"max_modules: must be a positive integer or None, got {limit!r}")
+        self.n, self.limit, self.start = n, limit, 0
+
+    def next(self) -> range | list[int]:
+        if self.limit is None or self.n <= self.limit:
+            return range(self.n)
+        picked = [(self.start + k) % self.n for k in range(self.limit)]
+        self.start = (self.start + self.limit) % self.n
+        return picked
+
+
 def _local(t: Tensor) -> Tensor:
     """The rank's own shard of a DTensor; a plain tensor unchanged."""
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
@@ -104,16 +126,21 @@ class GradientProbe(HookedProbe):
     :func:`use_grad_scaler`. Gradients read during the backward are scaled; the probe divides
     their norms by the scale the backward ran with, so the signals are the unscaled gradients'.
     (At the optimizer step ``scaler.step`` has unscaled them already.)
+
+    ``max_modules``: per-module signals for at most this many modules per tracked step, the rest in
+    turn on the next tracked steps (round-robin); the global signals cover every parameter each step.
     """
 
     def __init__(self, name: str = "grad", schedule: Schedule | None = None, per_module: bool = True, source: str = "auto",
-                 scaler: object | None = None):
+                 scaler: object | None = None, max_modules: int | None = MAX_MODULES_PER_STEP):
         if source not in ("auto", "backward", "optimizer"):
             raise ValueError(f"GradientProbe source must be 'auto', 'backward' or 'optimizer', got {source!r}")
         super().__init__(name, schedule)
         self.per_module = per_module
         self.source = source
         self.scaler = scaler
+        self.max_modules = max_modules
+        _RoundRobin(0, max_modules)  # validates it here, not at setup
         self._scale: Tensor | None = None  # the loss scale the gradients seen this step were made with
         # per parameter slot: squared sum and non-finite count of the gradient seen this step
         self._sq: list[Tensor | None] = []
@@ -124,6 +151,7 @@ class GradientProbe(HookedProbe):
         if not groups:
             raise ProbeFailure("the model has no trainable parameters")
         self.modules, self.params, owner, numel = _index(groups)
+        self._turn = _RoundRobin(len(self.modules), self.max_modules)
         self._slot = {id(p): i for i, p in enumerate(self.params)}
         dev = self.params[0].device
         self._owner, self._numel = owner.to(dev), numel.to(dev)
@@ -200,7 +228,8 @@ class GradientProbe(HookedProbe):
             msq = torch.zeros(len(self.modules), device=dev).index_add_(0, self._owner, sq)
             norms = msq.sqrt().unbind()
             rms = (msq / self._numel).sqrt().unbind()
-            for i, m in enumerate(self.modules):
+            for i in self._turn.next():
+                m = self.modules[i]
                 out[f"grad/norm/{m}"] = norms[i]
                 out[f"grad/rms/{m}"] = rms[i]
         return out
@@ -222,11 +251,14 @@ class UpdateProbe(HookedProbe):
     """Parameter norms and the size of the optimizer's update, per module.
 
     On tracked steps the parameters are copied in the optimizer's pre-step hook (one transient
-    copy of the model's weights) and compared in its post-step hook.
+    copy of the model's weights) and compared in its post-step hook. ``max_modules``: as for
+    :class:`GradientProbe`, per-module signals round-robin beyond that many modules.
     """
 
-    def __init__(self, name: str = "update", schedule: Schedule | None = None):
+    def __init__(self, name: str = "update", schedule: Schedule | None = None, max_modules: int | None = MAX_MODULES_PER_STEP):
         super().__init__(name, schedule)
+        self.max_modules = max_modules
+        _RoundRobin(0, max_modules)  # validates it here, not at setup
         self._before: list[Tensor] | None = None
 
     def setup(self, ctx: ProbeContext) -> None:
@@ -234,6 +266,7 @@ class UpdateProbe(HookedProbe):
             raise ProbeFailure("update norms need the optimizer (Monitor(model, optimizer))")
         groups = param_modules(ctx.model)
         self.modules, self.params, owner, _ = _index(groups)
+        self._turn = _RoundRobin(len(self.modules), self.max_modules)
         self._owner = owner.to(self.params[0].device)
         self._sharded = _ShardedSums(self.params)
         self.hooks.add(ctx.optimizer.register_step_pre_hook(self.guard(self._pre)))
@@ -258,7 +291,8 @@ class UpdateProbe(HookedProbe):
         mu = torch.zeros(len(self.modules), device=dev).index_add_(0, self._owner, usq).sqrt()
         ratio = mu / mp.clamp_min(1e-30)
         out = {"update/norm": usq.sum().sqrt(), "param/norm": psq.sum().sqrt()}
-        for i, m in enumerate(self.modules):
+        for i in self._turn.next():
+            m = self.modules[i]
             out[f"param/norm/{m}"] = mp[i]
             out[f"update/ratio/{m}"] = ratio[i]
         self.values = out

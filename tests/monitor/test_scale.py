@@ -89,3 +89,33 @@ def test_full_preset_state_is_under_one_percent_of_a_124m_gpt():
     assert len(mon.history) > 100  # the full preset really ran: per-module signals recorded
     assert any(n.startswith("attn/logit_max/") for n in mon.history)
     assert worst <= 0.01 * param_bytes
+
+
+def test_thousands_of_modules_are_reported_round_robin():
+    """2,000 Linear modules, per-module signals for at most 512 per step: every module is reported
+    once in 4 tracked steps, each norm equal to torch's own norm of that module's gradient."""
+    from seismo.errors import ConfigError
+    from seismo.monitor.gradients import MAX_MODULES_PER_STEP, GradientProbe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(2000)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the same gradients every step
+    mon = Monitor(model, opt, probes="minimal", flush_every=1)
+    x = torch.randn(3, 2)
+    per_step = []
+    for _ in range(4):
+        model(x).square().sum().backward()
+        opt.step()
+        record = mon.step()
+        per_step.append({n for n in record if n.startswith("grad/norm/")})
+        if len(per_step) < 4:
+            opt.zero_grad(set_to_none=True)
+    mon.close()
+    assert all(len(s) == MAX_MODULES_PER_STEP for s in per_step)
+    assert len(set().union(*per_step)) == 2000  # 4 x 512 >= 2000: every module reported
+    for i in (0, 777, 1999):
+        want = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in model[i].parameters()])).item()
+        got = mon.history[f"grad/norm/{i}"][1][-1]
+        assert abs(got - want) <= 1e-6 * want
+    with pytest.raises(ConfigError, match="max_modules"):
+        GradientProbe(max_modules=0)
