@@ -339,13 +339,13 @@ def test_sdpa_module_matches_explicit_softmax(case):
     mon = Monitor(net, opt, probes=[AttentionProbe(max_batch=2)])
     assert mon.probes[0].sites == []  # found by watching the first forward
     out = net(x, **fwd_kw)
-    assert [s.name for s in mon.probes[0].sites] == ["blocks.0", "blocks.1"]
-    assert all(isinstance(s, ObservedSite) and s.kinds == {"sdpa"} for s in mon.probes[0].sites)
     assert torch.equal(out, plain), "the monitor changed the output"
     loss = out.pow(2).mean()
     loss.backward()
     opt.step()
     rec = mon.step(loss)
+    assert [s.name for s in mon.probes[0].sites] == ["blocks.0", "blocks.1"]  # found when the step is collected
+    assert all(isinstance(s, ObservedSite) and s.kinds == {"sdpa"} for s in mon.probes[0].sites)
     mon.close()
     for h in hs:
         h.remove()
@@ -546,7 +546,7 @@ def test_restored_after_forward_raises():
     mon = Monitor(net, opt, probes=[AttentionProbe()])
     net[0].explode = True
     with pytest.raises(RuntimeError, match="user error"):
-        net(x)  # the discovery forward raises: discovery watches the next one
+        net(x)  # a forward of the discovery step raises: the step's later forwards are watched too
     assert not is_intercepting()
     net[0].explode = False
     rec = train_step(net, opt, mon, lambda: net(x).pow(2).mean())
@@ -617,8 +617,8 @@ def test_no_attention_model_disables_probe_with_warning():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     mon = Monitor(model, opt, probes=[LossProbe(), AttentionProbe()])
     x = torch.randn(5, 4)
-    with pytest.warns(RuntimeWarning, match=r"probe 'attn' is off: .*found no attention in the model's first forward"):
-        rec = train_step(model, opt, mon, lambda: model(x).pow(2).mean())  # discovery watches the first forward
+    with pytest.warns(RuntimeWarning, match=r"probe 'attn' is off: .*found no attention in the forwards of the first tracked step"):
+        rec = train_step(model, opt, mon, lambda: model(x).pow(2).mean())  # discovery watches the first tracked step
     assert "attn" in mon.disabled and "loss" in rec and not any(k.startswith("attn/") for k in rec)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     for _ in range(3):

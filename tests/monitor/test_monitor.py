@@ -958,7 +958,7 @@ def test_model_without_attention_turns_the_attention_probe_off_with_a_message():
     mon, _ = monitor_warnings(model, torch.optim.AdamW(model.parameters()), probes="default")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model(torch.randn(4, 6))  # attention is found by watching the first forward
+        mon.step(model(torch.randn(4, 6)).pow(2).mean())  # attention is found by watching the first tracked step
     assert "found no attention" in mon.disabled["attn"]
     assert any("'attn' is off" in str(w.message) for w in caught)
     assert "logits" in [p.name for p in mon.probes]

@@ -1,13 +1,13 @@
-"""Attention discovery by observation: the modules that compute attention, seen in one forward.
+"""Attention discovery by observation: the modules that compute attention, seen in one step.
 
-:class:`AttentionDiscovery` watches the next forward of a model: a ``TorchFunctionMode`` sees
+:class:`AttentionDiscovery` watches the forwards of a model during one step: a ``TorchFunctionMode`` sees
 every call of ``scaled_dot_product_attention`` and softmax (``F.softmax``, ``torch.softmax``,
 ``Tensor.softmax``), whatever name the function was bound to, and module pre/post hooks keep the
 stack of modules being executed, so each call is attributed to the innermost module running it.
 A softmax counts as attention when it normalises the last dimension of 4-D scores
 ``(batch, heads, queries, keys)``. No source text is read: classes defined in a notebook cell,
-``python -`` or ``exec`` are found like any other. The hooks exist during that forward only, and
-the forward runs eagerly (``torch.compiler.set_stance("force_eager")`` until it ends), so a
+``python -`` or ``exec`` are found like any other. The hooks exist during that step only, and the
+step runs eagerly (``torch.compiler.set_stance("force_eager")`` until it is collected), so a
 compiled model is compiled once, after discovery, with the monitor's permanent hooks in place.
 The calls are passed through unchanged: outputs are bitwise those of the unobserved forward.
 
@@ -50,14 +50,18 @@ class _DiscoveryMode(TorchFunctionMode):
 
 
 class AttentionDiscovery:
-    """Find the attention modules of ``model`` in its next forward.
+    """Find the attention modules of ``model`` by watching the forwards of one training step.
 
-    ``start()`` registers two hooks on ``model``; its next forward is watched, then
-    ``on_found(found)`` is called with the modules seen computing attention, in call order
-    (an empty list when none was). During that forward ``on_logits(name, logits)`` receives the
-    logits of each module's first attention call of a training forward (autograd enabled), so the
-    step that discovers the sites also records them. ``ignore``: modules whose calls are not
-    attributed (their own site reads them, e.g. ``nn.MultiheadAttention``).
+    ``start()`` registers a forward pre-hook and an ``always_call`` forward hook on every module of
+    ``model``; every forward of the model or of any of its submodules until ``finish()`` is
+    watched (a Lightning module's ``training_step`` calls its inner model, not its own forward).
+    ``finish()`` removes the hooks and calls ``on_found(found)`` with the modules seen computing
+    attention, in call order (an empty list when none was), if any forward ran; otherwise
+    discovery waits for the next ``start()``. During the watched forwards ``on_logits(name,
+    logits)`` receives the logits of each module's first attention call of a training forward
+    (autograd enabled), so the step that discovers the sites also records them. ``ignore``:
+    modules whose calls are not attributed (their own site reads them, e.g.
+    ``nn.MultiheadAttention``).
     """
 
     def __init__(
@@ -76,27 +80,33 @@ class AttentionDiscovery:
         self.stack: list[tuple[str, nn.Module]] = []
         self.found: dict[str, list] = {}  # name -> [module, kinds], in first-call order
         self.delivered: set[str] = set()
-        self._root_hooks: list[Any] = []
-        self._module_hooks: list[Any] = []
+        self.seen_forward = False
+        self._hooks: list[Any] = []
         self._mode: _DiscoveryMode | None = None
         self._stance: Any = None
-        self.running = False
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Watch the next forward of the model (compiled callers run it eagerly until then)."""
-        if self._root_hooks:
+        """Watch the model's forwards until :meth:`finish` (compiled callers run eagerly until then)."""
+        if self._hooks:
             return
         self._force_eager()
-        self._root_hooks = [
-            self.model.register_forward_pre_hook(self._begin, prepend=True),
-            self.model.register_forward_hook(self._end, always_call=True),
-        ]
+        for name, mod in self.model.named_modules():
+            self._hooks.append(mod.register_forward_pre_hook(self._push(name or "<root>"), prepend=True))
+            self._hooks.append(mod.register_forward_hook(self._pop(mod), always_call=True))
+
+    def finish(self) -> None:
+        """End the watch: report what was found if a forward ran, else wait for the next start."""
+        self.stop()
+        if self.seen_forward:
+            found = [(name, mod, frozenset(kinds)) for name, (mod, kinds) in self.found.items()]
+            self.on_found(found)
 
     def stop(self) -> None:
         """Remove every hook, leave the mode and restore the compiler stance (idempotent)."""
-        self._leave()
-        hooks, self._root_hooks = self._root_hooks, []
+        self._leave_mode()
+        self.stack = []
+        hooks, self._hooks = self._hooks, []
         for h in hooks:
             h.remove()
         self._restore_stance()
@@ -115,44 +125,18 @@ class AttentionDiscovery:
         if stance is not None:
             stance.__exit__(None, None, None)
 
-    # --- the watched forward ----------------------------------------------------------------
-    def _begin(self, model: nn.Module, args: tuple) -> None:
-        if self.running:
-            return
-        self.running = True
-        self.stack = [("<root>", model)]
-        for name, mod in model.named_modules():
-            if mod is model:
-                continue
-            self._module_hooks.append(mod.register_forward_pre_hook(self._push(name)))
-            self._module_hooks.append(mod.register_forward_hook(self._pop(mod), always_call=True))
-        self._mode = _DiscoveryMode(self)
-        self._mode.__enter__()
-
-    def _end(self, model: nn.Module, args: tuple, output: Any) -> None:
-        if not self.running:
-            return
-        if output is None:  # the forward raised (always_call hooks get None): watch the next one
-            self._leave()
-            self.found.clear()
-            self.delivered.clear()
-            return
-        self.stop()
-        found = [(name, mod, frozenset(kinds)) for name, (mod, kinds) in self.found.items()]
-        self.on_found(found)
-
-    def _leave(self) -> None:
+    # --- the watched forwards ---------------------------------------------------------------
+    def _leave_mode(self) -> None:
         mode, self._mode = self._mode, None
         if mode is not None:
             mode.__exit__(None, None, None)
-        hooks, self._module_hooks = self._module_hooks, []
-        for h in hooks:
-            h.remove()
-        self.stack = []
-        self.running = False
 
     def _push(self, name: str) -> Callable:
         def pre(mod: nn.Module, args: tuple) -> None:
+            if not self.stack:  # the outermost watched forward begins
+                self.seen_forward = True
+                self._mode = _DiscoveryMode(self)
+                self._mode.__enter__()
             self.stack.append((name, mod))
 
         return pre
@@ -163,6 +147,8 @@ class AttentionDiscovery:
                 if self.stack[i][1] is mod:
                     del self.stack[i:]
                     break
+            if not self.stack:
+                self._leave_mode()
 
         return post
 

@@ -56,9 +56,10 @@ class AttentionProbe(HookedProbe):
 
     ``sites``: the attention sites to read. By default: the model's attention taps
     (:class:`~seismo.monitor.attention.tap.AttentionLogitTap`) if it has any; otherwise its
-    ``nn.MultiheadAttention`` modules plus the modules seen computing attention in the first
-    forward (:class:`~seismo.monitor.attention.discovery.AttentionDiscovery`), which is recorded
-    too. A model with no attention at all disables the probe (one warning) after that forward.
+    ``nn.MultiheadAttention`` modules plus the modules seen computing attention in the forwards of
+    the first tracked step (:class:`~seismo.monitor.attention.discovery.AttentionDiscovery`), which
+    is recorded too. A model with no attention disables the probe (one warning) when that step is
+    collected.
 
     Sites are installed once and read on tracked steps only (their hooks test a :class:`Gate`), so
     ``torch.compile`` compiles one graph for tracked and one for untracked steps and never
@@ -107,7 +108,7 @@ class AttentionProbe(HookedProbe):
             self._attach(site)
         if not self.sites:
             raise ProbeFailure(
-                "found no attention in the model's first forward (looked for attention taps, nn.MultiheadAttention, and "
+                "found no attention in the forwards of the first tracked step (looked for attention taps, nn.MultiheadAttention, and "
                 "scaled_dot_product_attention / softmax over (batch, heads, queries, keys) scores; fused kernels such as "
                 "flash or flex attention cannot be observed: use attn_implementation='sdpa' or 'eager')"
             )
@@ -125,7 +126,7 @@ class AttentionProbe(HookedProbe):
     def release(self, step: int) -> None:
         self.gate.disarm()
         if self._discovery is not None:
-            self._discovery.stop()  # no forward ran: discovery waits for the next tracked step
+            self.guard(self._discovery.finish)()  # without a forward this step, it waits for the next tracked step
         super().release(step)
 
     def detach(self) -> None:
