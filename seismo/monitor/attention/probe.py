@@ -7,7 +7,7 @@
   arXiv 2303.06296).
 
 The logits come from attention *sites* (:mod:`~seismo.monitor.attention.sites`), found by
-watching the first forward (:mod:`~seismo.monitor.attention.discovery`) and read on tracked steps.
+watching the first tracked step (:mod:`~seismo.monitor.attention.discovery`) and read on tracked steps.
 """
 
 from __future__ import annotations
