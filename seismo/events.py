@@ -40,6 +40,7 @@ KINDS = (
     "gradient_variance_extreme",
     "activation_growth",
     "stall",
+    "loss_scale_drop",
 )
 
 

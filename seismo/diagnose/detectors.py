@@ -15,6 +15,7 @@ from typing import Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
+from seismo.diagnose.loss_scale import LossScaleDropDetector
 from seismo.diagnose.regression import LossRegressionDetector
 from seismo.diagnose.spikes import SpikeDetector
 from seismo.diagnose.stats import TrendFit
@@ -327,4 +328,5 @@ def default_detectors() -> list[Detector]:
         SpikeDetector("gradient_variance_extreme", "adam/v_max", z=6.0, rel=9.0, log=True, min_history=10),
         GrowthDetector("activation_growth", "act/max/", 1e4, floor=0.1, what="max |activation|"),
         StallDetector(),
+        LossScaleDropDetector(),
     ]

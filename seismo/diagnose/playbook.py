@@ -72,6 +72,9 @@ LOWER_BETA2 = Mitigation("lower beta2", "use beta2 = 0.95 so the second moment f
 ADAGC = Mitigation("AdaGC", "clip each tensor's gradient to 1.05x its running norm, so spikes never enter v",
                    "seismo.mitigate.transforms.adagc", "Wang et al. 2025, arXiv 2502.11034")
 
+BF16 = Mitigation("bf16 instead of fp16", "train under torch.autocast(dtype=torch.bfloat16): fp32's exponent range, no loss scale "
+                  "to overflow", "", "Kalamkar et al. 2019, arXiv 1905.12322; Micikevicius et al. 2018, arXiv 1710.03740")
+
 PLAYBOOK: dict[str, list[Mitigation]] = {
     "attention_logit_growth": [QKNORM, SIGMA, LOWER_LR, COSINE, WARMUP],
     "attention_entropy_collapse": [SIGMA, QKNORM, LOWER_LR, WARMUP],
@@ -90,6 +93,7 @@ PLAYBOOK: dict[str, list[Mitigation]] = {
     "activation_growth": [PERI, RESPOST, LOWER_LR],
     "stall": [RAISE_LR, SMALL_EPS],
     "preconditioner_staleness": [RESET_MOMENTS, LOWER_BETA2, ADAGC],
+    "loss_scale_drop": [BF16, CLIP, LOWER_LR],
 }
 
 #: A plain-language cause per kind, used by ``seismo diagnose``.
@@ -112,6 +116,7 @@ CAUSES: dict[str, str] = {
     "activation_growth": "residual-stream activations grew by orders of magnitude (massive activations)",
     "stall": "training stalled: the loss is flat while the updates vanished",
     "preconditioner_staleness": "Adam's second moment still holds old large gradients, so current updates are damped (arXiv 2506.04805)",
+    "loss_scale_drop": "fp16 gradients overflowed, so the GradScaler skipped the step and halved the loss scale (arXiv 1710.03740)",
 }
 
 #: Root-cause priority when several kinds fire: upstream mechanisms first, symptoms last.
@@ -119,7 +124,7 @@ PRIORITY = [
     "attention_logit_growth", "attention_entropy_collapse", "output_logit_divergence", "softmax_collapse",
     "adam_decorrelation", "epsilon_regime", "preconditioner_staleness", "edge_of_stability", "gradient_variance_extreme",
     "activation_growth",
-    "update_spike", "grad_spike", "nonfinite", "loss_divergence", "loss_regression", "loss_spike", "stall",
+    "update_spike", "grad_spike", "loss_scale_drop", "nonfinite", "loss_divergence", "loss_regression", "loss_spike", "stall",
 ]
 
 

@@ -125,7 +125,9 @@ class GradientProbe(HookedProbe):
     ``scaler``: the loop's ``torch.amp.GradScaler`` (fp16), or set later with
     :func:`use_grad_scaler`. Gradients read during the backward are scaled; the probe divides
     their norms by the scale the backward ran with, so the signals are the unscaled gradients'.
-    (At the optimizer step ``scaler.step`` has unscaled them already.)
+    (At the optimizer step ``scaler.step`` has unscaled them already.) That scale is recorded as
+    ``amp/loss_scale``; its drops are the ``loss_scale_drop`` events
+    (:mod:`seismo.diagnose.loss_scale`).
 
     ``max_modules``: per-module signals for at most this many modules per tracked step, the rest in
     turn on the next tracked steps (round-robin); the global signals cover every parameter each step.
@@ -173,7 +175,7 @@ class GradientProbe(HookedProbe):
         if g is None or not self.armed:
             return
         g = _local(g.detach())
-        if self._scale is None and self.scaler is not None and self.source == "backward":
+        if self._scale is None and self.scaler is not None:
             scale = getattr(self.scaler, "_scale", None)  # None until the scaler's first scale(); no host sync
             if scale is not None and self.scaler.is_enabled():
                 self._scale = scale.detach().clone()  # scaler.update() changes it in place before compute()
@@ -218,12 +220,14 @@ class GradientProbe(HookedProbe):
             return torch.stack([zero if v is None else (v if v.device == dev else v.to(dev)) for v in values]).float()
 
         sq, bad = self._sharded(torch.stack([vec(self._sq), vec(self._bad)])).unbind()
-        if self._scale is not None:
-            sq = sq / self._scale.to(dev).float().square()
-            self._scale = None
+        scale, self._scale = self._scale, None
+        if scale is not None and self.source == "backward":
+            sq = sq / scale.to(dev).float().square()
         self._sq = [None] * len(self.params)
         self._bad = [None] * len(self.params)
         out = {"grad/norm": sq.sum().sqrt(), "grad/nonfinite": bad.sum()}
+        if scale is not None:
+            out["amp/loss_scale"] = scale.float()
         if self.per_module:
             msq = torch.zeros(len(self.modules), device=dev).index_add_(0, self._owner, sq)
             norms = msq.sqrt().unbind()

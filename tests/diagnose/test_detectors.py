@@ -250,6 +250,7 @@ def _triggers() -> dict[str, list[tuple[int, dict[str, float]]]]:
         "gradient_variance_extreme": series("adam/v_max", np.r_[noise[:100], 1e4]),
         "activation_growth": growth("act/max/h.0", 100.0, 0.1),
         "stall": [(s, {"loss": 2.0, "update/norm": 1e-9, "param/norm": 10.0}) for s in range(300)],
+        "loss_scale_drop": series("amp/loss_scale", [65536.0] * 50 + [32768.0] * 10),
     }
 
 

@@ -4,7 +4,9 @@ The same fp16-autocast model and batches are trained twice: once with a GradScal
 (the backward's gradients are 4096x the true ones; scaling by a power of two is exact in fp16
 away from under/overflow), once without scaling. The gradient norms the Monitor records in the
 scaled run, read during the backward (before ``scaler.step`` unscales), must equal the unscaled
-run's; without ``use_grad_scaler`` they are 4096x larger (the check can fail).
+run's; without ``use_grad_scaler`` they are 4096x larger (the check can fail). An overflow makes
+the scaler skip the step and halve its scale: ``amp/loss_scale`` records the drop and the default
+detectors turn it into a ``loss_scale_drop`` event.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ SCALE = 2.0**12
 STEPS = 4
 
 
-def run(scaler: torch.amp.GradScaler | None, tell_monitor: bool = True) -> dict[str, list[float]]:
+def run(scaler: torch.amp.GradScaler | None, tell_monitor: bool = True, overflow_at: int = -1) -> dict[str, list[float]]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
@@ -36,6 +38,8 @@ def run(scaler: torch.amp.GradScaler | None, tell_monitor: bool = True) -> dict[
         x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
         with torch.autocast("cpu", dtype=torch.float16):
             loss = F.cross_entropy(model(x), y)
+        if step == overflow_at:
+            loss = loss * math.inf  # inf gradients: the scaler skips this step
         if scaler is None:
             loss.backward()
             opt.step()
@@ -60,6 +64,19 @@ def test_gradient_norms_are_the_unscaled_ones():
             assert math.isclose(a, b, rel_tol=1e-6), (n, a, b)
     raw = run(torch.amp.GradScaler("cpu", init_scale=SCALE), tell_monitor=False)
     assert math.isclose(raw["grad/norm"][0], SCALE * ref["grad/norm"][0], rel_tol=1e-6)
+
+
+def test_an_overflow_is_a_loss_scale_drop_event():
+    from seismo.diagnose import Diagnoser, default_detectors
+
+    hist = run(torch.amp.GradScaler("cpu", init_scale=SCALE), overflow_at=1)
+    assert hist["amp/loss_scale"] == [SCALE, SCALE, SCALE / 2, SCALE / 2]  # backoff 0.5 after the skipped step
+    assert hist["grad/nonfinite"][1] > 0 and hist["grad/nonfinite"][2] == 0
+    diag = Diagnoser(default_detectors())
+    for step in range(STEPS):
+        diag(step, {n: vs[step] for n, vs in hist.items() if len(vs) == STEPS})
+    drops = [e for e in diag.events if e.kind == "loss_scale_drop"]
+    assert [(e.step, e.severity, e.evidence["scale"]) for e in drops] == [(2, "info", SCALE / 2)]
 
 
 def test_use_grad_scaler_needs_a_gradient_probe():
