@@ -35,6 +35,9 @@ REQUIRED_KEYS = ("step", "model", "optim", "rng", "losses", "val")
 # Fields a resumed run may change: where files go, when to stop, how often to checkpoint.
 RESUMABLE_CHANGES = frozenset({"run_name", "out_dir", "store", "stop_at", "checkpoint_every", "checkpoint_keep", "device"})
 _MAX_NAMED = 3
+# Fields added after checkpoints were first written, with the value older runs had implicitly: a
+# checkpoint whose saved config lacks one is compared as if it had that value (still resumable).
+ADDED_FIELDS: dict[str, Any] = {"spikes.poison_steps": [], "spikes.lr_burst_steps": [], "spikes.lr_burst_factor": 50.0}
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -54,7 +57,7 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], ign
     for key in sorted(set(a) | set(b)):
         if key in ignore:
             continue
-        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+        va, vb = a.get(key, ADDED_FIELDS.get(key, "<missing>")), b.get(key, "<missing>")
         if isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)):
             va, vb = list(va), list(vb)
         if va != vb:

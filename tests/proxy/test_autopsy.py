@@ -263,3 +263,15 @@ def test_replays_use_the_recorded_thread_count(tmp_path):
     cfg, r = _proxy_run(tmp_path, "threads", steps=16)
     assert r.meta["torch_threads"] == torch.get_num_threads() >= 1
     assert os.path.isdir(os.path.join(cfg.out_dir, "checkpoints"))
+
+
+def test_checkpoints_written_before_the_injection_fields_still_resume():
+    from seismo.proxy.checkpoint import config_differences
+    from seismo.proxy.train import TrainConfig
+
+    now = TrainConfig().to_dict()
+    old = {k: v for k, v in now.items() if k != "checkpoint_keep"}
+    old["spikes"] = {k: v for k, v in now["spikes"].items() if k in ("steps", "factor")}
+    assert config_differences(old, now, ignore=frozenset({"checkpoint_keep"})) == []
+    old["spikes"]["factor"] = 10.0
+    assert [d[0] for d in config_differences(old, now)] == ["spikes.factor"]  # checkpoint_keep may change at resume
