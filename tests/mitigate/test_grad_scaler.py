@@ -82,3 +82,35 @@ def test_an_overflow_is_a_loss_scale_drop_event():
 def test_use_grad_scaler_needs_a_gradient_probe():
     with pytest.raises(ConfigError, match="GradientProbe"):
         use_grad_scaler([], torch.amp.GradScaler("cpu"))
+
+
+def test_the_guard_composes_with_the_scaler():
+    """An fp16 overflow (gradients only; the loss the Guard sees is normal) is the scaler's skip:
+    no Guard skip or event, parameters unchanged, the scale halved, and the window never sees the
+    inf norm. A real loss spike later is still the Guard's skip. Both in sync and mask mode."""
+    from seismo.mitigate.guard import Guard
+
+    for mode in ("sync", "mask"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+        guard = Guard(model, opt, policy="skip", skip_mode=mode, warmup=5, scaler=scaler)
+        overflow, spike, unchanged = 8, 12, {}
+        for i in guard.steps(16):
+            g = torch.Generator().manual_seed(i)
+            x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss * 1e30 if i == overflow else loss).backward()  # 1e30 x SCALE overflows fp16
+            before = [p.detach().clone() for p in model.parameters()]
+            scale_before = scaler.get_scale()
+            guard.step(loss * 1000.0 if i == spike else loss)
+            if i in (overflow, spike):
+                unchanged[i] = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+            if i == overflow:
+                assert scaler.get_scale() == scale_before / 2, mode
+        guard.flush()
+        assert unchanged == {overflow: True, spike: True}, mode
+        assert [(e.kind, e.step) for e in guard.events] == [("guard_skip", spike)], mode
+        assert guard.stats["skipped_steps"] == 1, mode

@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.amp.grad_scaler import OptState
 
 from seismo._wrappers import unwrap_model, unwrap_optimizer
 from seismo.errors import ConfigError
@@ -105,6 +106,7 @@ class Guard:
         monitor: Any = None,
         stateful: Mapping[str, Any] | None = None,
         on_event: Callable[[list[Event]], None] | None = None,
+        scaler: Any = None,
         **overrides: Any,
     ):
         names = {f.name for f in dataclasses.fields(GuardConfig)}
@@ -124,6 +126,9 @@ class Guard:
         self.world_size = dist.get_world_size() if ddp else 1
         self.rank = dist.get_rank() if ddp else 0
         self.monitor = monitor
+        # fp16: the loop's torch.amp.GradScaler; the Guard unscales, and a step the scaler finds inf/nan
+        # in is skipped as the scaler would (not a spike: the window never sees it), then scaler.update()
+        self.scaler = scaler
         self._report = EventFanout(rank=self.rank, sinks=sinks, monitor=monitor, store=store, run_id=run_id,
                                    on_event=on_event)
         self._skipper = SkipStepper(self.optimizer, cfg.skip_mode, lambda: self._lr_factor, self._report.warn_once)
@@ -256,6 +261,7 @@ class Guard:
         opt = self.optimizer
         params = [p for g in opt.param_groups for p in g["params"]]
         with_grad = [p for p in params if p.grad is not None]
+        overflow = self._unscale(opt)  # None without an (enabled) GradScaler
         loss_t = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
         if loss_t.numel() != 1:
             raise ValueError(f"Guard.step(loss): needs the scalar loss, got shape {tuple(loss_t.shape)}")
@@ -272,13 +278,18 @@ class Guard:
 
         vals = torch.stack([loss_t, gn])
         flags, med, z = self._window.decide(vals)
+        if overflow is not None:
+            overflow = overflow.to(device, non_blocking=True)  # the scaler's inf/nan skip is not the Guard's: no flag, no spike
+            flags = flags * (~overflow).float()
         if self.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank applies the same decision
         skip = flags.amax() > 0
-        self._window.accept(~skip, vals)  # a skipped value never enters the window
+        self._window.accept(~skip if overflow is None else ~(skip | overflow), vals)  # a skipped value never enters the window
         if cfg.max_grad_norm > 0 and with_grad:
             torch.nn.utils.clip_grads_with_norm_(with_grad, cfg.max_grad_norm, gn)
-        urgent = self._skipper.apply(skip, with_grad, len(params), device)  # True: the host saw a skip
+        urgent = self._skipper.apply(skip if overflow is None else skip | overflow, with_grad, len(params), device)
+        if overflow is not None:
+            self.scaler.update()  # backs the scale off after an overflow, grows it after growth_interval clean steps
         if cfg.zero_grad:
             opt.zero_grad(set_to_none=True)
 
@@ -289,6 +300,18 @@ class Guard:
             self.flush()
         self._boundary()
         return skip
+
+    def _unscale(self, opt: torch.optim.Optimizer) -> Tensor | None:
+        """With an enabled GradScaler: unscale the gradients (unless the loop did) and return the
+        scaler's found-inf flag as a 0-d bool tensor (no host sync); None otherwise."""
+        scaler = self.scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        if scaler._per_optimizer_states[id(opt)]["stage"] is not OptState.UNSCALED:
+            scaler.unscale_(opt)
+        found = scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values()
+        found = [f.reshape(()).float() for f in found]
+        return torch.stack([f.to(found[0].device, non_blocking=True) for f in found]).sum() > 0
 
     def flush(self) -> None:
         """Read the pending decisions (one host transfer): count and report skips, and roll back
