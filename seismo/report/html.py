@@ -189,6 +189,28 @@ def _diagnose(store_path: Path, data: RunData) -> Diagnosis:
     return diagnose_run(str(store_path), data.info.run_id, replay=not data.events)
 
 
+def _autopsies(store_path: Path, data: RunData) -> list[dict]:
+    """The autopsies of ``data``'s run stored by ``seismo autopsy``: summary runs named
+    ``<run>/autopsy@<step>`` whose meta holds the verdict and the replay table."""
+    prefix = f"{data.info.name}/autopsy@"
+    with RunStore(store_path) as store:
+        infos = store.runs()
+    return [info.meta["autopsy"] for info in infos
+            if info.name.startswith(prefix) and "/" not in info.name[len(prefix):] and isinstance(info.meta.get("autopsy"), dict)]
+
+
+def _autopsy_block(label: str, verdict: dict) -> str:
+    """One autopsy: the verdict sentence and the table of replays (every cell escaped)."""
+    rows = [[_e(r.get("name")), _e(r.get("effect")), _num(r.get("peak_loss")), _e(r.get("peak_step", "n/a")),
+             _e(r.get("steps_to_recover") if r.get("steps_to_recover") is not None else "n/a"), _num(r.get("final_loss")),
+             _e(", ".join(r.get("moved") or []) or "-")] for r in verdict.get("rows", [])]
+    table = _table(["replay", "effect", "peak loss", "peak step", "steps to recover", "final loss", "signals that moved"], rows,
+                   [False, False, True, True, True, True, False])
+    head = (f"<p><strong>{_e(label)}</strong>, spike at step {_e(verdict.get('spike'))} (replayed from step "
+            f"{_e(verdict.get('start'))}): cause <strong>{_e(verdict.get('cause'))}</strong>. {_e(verdict.get('sentence'))}</p>")
+    return head + table
+
+
 def render_runs(store_path: str | os.PathLike, runs: Sequence[str | int]) -> str:
     """The HTML report of ``runs`` (ids or names) of the store at ``store_path``, overlaid."""
     store_path = Path(store_path)
@@ -221,6 +243,9 @@ def render_runs(store_path: str | os.PathLike, runs: Sequence[str | int]) -> str
     timeline = _figure_section("timeline", "Event timeline", lambda: rf.timeline_figure(pairs), "No events.")
     timeline.body += "".join(_events_table(lbl, d.events) for lbl, d in pairs)
     sections.append(timeline)
+    autopsies = [(lbl, v) for lbl, d in zip(labels, datas) for v in _autopsies(store_path, d)]
+    if autopsies:
+        sections.append(_Section("autopsy", "Spike autopsy", "".join(_autopsy_block(lbl, v) for lbl, v in autopsies)))
     sections.append(_Section("config", "Config and environment", "".join(_config_block(lbl, d, store_path) for lbl, d in pairs)))
     title = "seismo report: " + ", ".join(labels)
     return _page(title, f"{len(datas)} run{'s' if len(datas) > 1 else ''} from <code>{_e(store_path)}</code>", sections)

@@ -228,3 +228,27 @@ def test_adam_and_sharpness_panels_hold_the_stored_values(store_path):
     np.testing.assert_allclose(eig.get_ydata(), [10.0, 200.0, 400.0])
     assert threshold.get_linestyle() == "--" and list(threshold.get_ydata()) == [380.0] * 3
     assert ax.get_yscale() == "log"
+
+
+def test_a_stored_autopsy_appears_as_its_verdict_and_table(store_path, tmp_path):
+    """``seismo autopsy`` stores a summary run ``<run>/autopsy@<step>`` whose meta holds the verdict;
+    the run's report shows it (every cell escaped), and a run without autopsy has no such section."""
+    write_run(store_path, "r", signals())
+    write_run(store_path, "other", signals())
+    rows = [
+        {"name": "same_data", "effect": "reference", "peak_loss": 9.16, "peak_step": 32, "steps_to_recover": 5,
+         "final_loss": 3.4, "moved": ["loss"]},
+        {"name": XSS, "effect": "removes", "peak_loss": 3.41, "peak_step": 40, "steps_to_recover": None,
+         "final_loss": 3.3, "moved": []},
+    ]
+    verdict = {"cause": "data", "sentence": "the spike comes from batches 30..32", "spike": 32, "start": 20, "rows": rows}
+    write_run(store_path, "r/autopsy@32", {}, meta={"autopsy": verdict})
+    write_run(store_path, "r/autopsy@32/same_data", {}, meta={"autopsy": {"cause": "not a summary"}})  # a replay run: ignored
+    text, page = _report(store_path, tmp_path, ["r"])
+    body = page.section_text("autopsy")
+    assert "spike at step 32" in body and "cause  data" in body and "batches 30..32" in body
+    cells = [c.strip() for c in page.text["autopsy"] if c.strip()]
+    assert cells.count("same_data") == 1 and XSS in cells and "9.16" in cells and "removes" in cells
+    assert "<script>alert" not in text.split('id="autopsy"')[1]
+    _, page_other = _report(store_path, tmp_path, ["other"])
+    assert "autopsy" not in page_other.text
