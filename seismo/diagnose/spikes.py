@@ -10,8 +10,10 @@ import math
 from collections import deque
 from typing import Mapping
 
+import numpy as np
+
 from seismo._stats import MAD_TO_SIGMA
-from seismo.diagnose.stats import RobustWindow
+from seismo.diagnose.stats import RobustWindow, TailModel, median_rows
 from seismo.diagnose.stats import format_value as _fmt
 from seismo.diagnose.stats import module_values as _modules
 from seismo.events import Event
@@ -50,6 +52,18 @@ class SpikeDetector:
     (accepted or not) all ``ramp_z`` noise units above the level. With ``level_lag`` the level is
     taken ``level_lag`` accepted values back, so such a spike does not drag its baseline up.
 
+    With ``triage`` and ``tail_rate`` (default 1e-5: one per 100,000 steps) the warning threshold
+    is the run's own. At each onset the detector takes the robust residuals of its window
+    ((value - its level then) / the noise scale), sums them over every ``quick + 1`` consecutive
+    observations (the span a warning is decided on, so their serial correlation counts), adds the
+    sums to a :class:`~seismo.diagnose.stats.TailModel` (the last 4,096), fits a generalized Pareto
+    distribution to the top 10 % (peaks over threshold; Pickands 1975, Coles 2001) and takes
+    ``tail_area``, the sum exceeded with probability ``tail_rate``. An episode still out after
+    ``quick`` observations becomes a ``warning`` only if its excess area so far (noise units)
+    exceeds ``tail_area``; otherwise it is reported as ``info`` when it recovers (or ``critical``
+    after ``persist``). So on a healthy run whose residuals follow that tail, warning episodes
+    come at most ``tail_rate`` per observation, while every onset above ``z`` is still reported.
+
     With ``module_prefix`` (e.g. ``grad/norm/``) the module whose own signal jumped most is named
     as responsible, and with ``module_z`` a module whose own signal jumps ``module_z`` noise units
     and ``module_ratio`` times above its own recent level is reported even when the global signal
@@ -60,7 +74,8 @@ class SpikeDetector:
                  z: float = 6.0, rel: float = 0.05, log: bool = False, min_history: int = 20, persist: int = 50,
                  divergence_kind: str | None = None, module_prefix: str | None = None, noise_floor_rel: float = 1e-3,
                  triage: bool = False, quick: int = 5, recover_z: float = 3.0,
-                 module_z: float | None = None, module_ratio: float = 5.0, ramp_z: float | None = None, level_lag: int = 0):
+                 module_z: float | None = None, module_ratio: float = 5.0, ramp_z: float | None = None, level_lag: int = 0,
+                 tail_rate: float | None = 1e-5):
         self.name = name or kind
         self.kind, self.signal = kind, signal
         self.z, self.rel, self.log, self.min_history, self.persist = z, rel, log, min_history, persist
@@ -70,6 +85,10 @@ class SpikeDetector:
         self.triage, self.quick, self.recover_z = triage, quick, recover_z
         self.module_z, self.module_ratio = module_z, module_ratio
         self.ramp_z, self.level_lag = ramp_z, level_lag
+        if tail_rate is not None and not 0.0 < tail_rate < 1.0:
+            raise ValueError(f"tail_rate: must be in (0, 1), got {tail_rate!r}")
+        self.tail_rate = tail_rate if triage else None
+        self.tail = TailModel()
         self.last3: deque[float] = deque(maxlen=3)  # the last three observations (accepted or not)
         self.window = RobustWindow(window)
         self.module_windows: dict[str, RobustWindow] = {}
@@ -107,7 +126,7 @@ class SpikeDetector:
                 spike = self._ramp(level, scale)
         if spike and self.triage:
             self.episode = dict(onset=step, level=level, scale=scale, raw_level=raw_level, peak=x, peak_z=zscore,
-                                area=tx - level, n=1, warned=False)
+                                area=tx - level, n=1, warned=False, tail_area=self._tail_area(scale))
             self.in_spike = 1
             return []
         if spike:
@@ -137,6 +156,19 @@ class SpikeDetector:
                 out.append(local)
         return out
 
+    def _tail_area(self, scale: float) -> float:
+        """The warning threshold from the run's own residual tail: add the sums of ``quick + 1``
+        consecutive window residuals (noise units) to the tail model and return the sum exceeded
+        with probability ``tail_rate`` (0 without a tail model or with too little history)."""
+        a = np.fromiter(self.window.values, dtype=np.float64)
+        k, m = self.recent + self.level_lag, self.quick + 1
+        if len(a) >= k + m:
+            levels = median_rows(np.lib.stride_tricks.sliding_window_view(a, self.recent))[: len(a) - k]
+            r = (a[k:] - levels) / scale
+            self.tail.add_many(np.lib.stride_tricks.sliding_window_view(r, m).sum(axis=1))
+        q = self.tail.quantile(self.tail_rate) if self.tail_rate is not None else None
+        return 0.0 if q is None else q
+
     def _ramp(self, level: float, scale: float) -> bool:
         """A spike that builds over a few steps: each of the last three observations is ``ramp_z``
         noise units and ``rel`` above the level (the smallest of them decides, so one outlier among
@@ -165,7 +197,7 @@ class SpikeDetector:
         if x > ep["peak"]:
             ep["peak"], ep["peak_z"] = x, excess / ep["scale"]
         out: list[Event] = []
-        if ep["n"] == self.quick + 1:
+        if ep["n"] == self.quick + 1 and ep["area"] / ep["scale"] > ep.get("tail_area", 0.0):
             ep["warned"] = True
             out.append(self._triage_event(ep, "warning", None))
         if ep["n"] == self.persist and self.divergence_kind:
@@ -235,7 +267,7 @@ class SpikeDetector:
     def state_dict(self) -> dict:
         return {"window": self.window.state_dict(), "in_spike": self.in_spike, "episode": dict(self.episode) if self.episode else None,
                 "modules": {m: w.state_dict() for m, w in self.module_windows.items()},
-                "module_in_spike": dict(self.module_in_spike), "last3": list(self.last3)}
+                "module_in_spike": dict(self.module_in_spike), "last3": list(self.last3), "tail": self.tail.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.window.load_state_dict(state["window"])
@@ -248,3 +280,5 @@ class SpikeDetector:
             self.module_windows[m] = w
         self.module_in_spike = {m: int(n) for m, n in state.get("module_in_spike", {}).items()}
         self.last3 = deque(state.get("last3", []), maxlen=3)
+        if "tail" in state:
+            self.tail.load_state_dict(state["tail"])

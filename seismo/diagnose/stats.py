@@ -1,4 +1,4 @@
-"""Streaming statistics the detectors share: a robust window and an online trend fit."""
+"""Streaming statistics the detectors share: a robust window, an online trend fit and a tail model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 
 from seismo._stats import MAD_TO_SIGMA
 
-__all__ = ["RobustWindow", "TrendFit", "median_rows", "diff_noise_rows", "module_values", "format_value"]
+__all__ = ["RobustWindow", "TrendFit", "TailModel", "fit_gpd", "gpd_quantile",
+           "median_rows", "diff_noise_rows", "module_values", "format_value"]
 
 
 class RobustWindow:
@@ -119,6 +120,80 @@ class TrendFit:
     def load_state_dict(self, state: dict) -> None:
         self.window, self.log = int(state["window"]), bool(state["log"])
         self.points = deque((tuple(p) for p in state["points"]), maxlen=self.window)
+
+
+def fit_gpd(excess: np.ndarray) -> tuple[float, float]:
+    """(shape xi, scale sigma) of a generalized Pareto distribution fitted to positive exceedances
+    by probability-weighted moments (Hosking & Wallis 1987, Technometrics 29(3), 339-349):
+    a0 = mean, a1 = mean of (1 - p_i) x_(i) with plotting positions p_i = (i - 0.35) / n;
+    xi = 2 - a0 / (a0 - 2 a1), sigma = 2 a0 a1 / (a0 - 2 a1). Closed form, stable for small samples
+    (xi < 0.5). xi is clipped to [-0.5, 0.5] (finite variance); xi > 0 is a heavy (power-law) tail, 0 exponential."""
+    x = np.sort(np.asarray(excess, dtype=np.float64))
+    n = len(x)
+    if n < 2:
+        raise ValueError("fit_gpd needs at least 2 exceedances")
+    p = (np.arange(1, n + 1) - 0.35) / n
+    a0, a1 = float(x.mean()), float(((1.0 - p) * x).mean())
+    d = a0 - 2.0 * a1
+    if d <= 1e-12 * max(a0, 1e-300):
+        return 0.5, max(a0, 1e-12)
+    xi = min(max(2.0 - a0 / d, -0.5), 0.5)
+    sigma = max(2.0 * a0 * a1 / d, 1e-12)
+    return xi, sigma
+
+
+def gpd_quantile(u: float, xi: float, sigma: float, zeta: float, rate: float) -> float:
+    """The level exceeded with probability ``rate`` when a fraction ``zeta`` of observations exceed
+    ``u`` and the exceedances are GPD(xi, sigma): u + sigma / xi ((zeta / rate)^xi - 1), or
+    u + sigma log(zeta / rate) at xi = 0 (the peaks-over-threshold quantile; Coles 2001, eq. 4.13)."""
+    if rate >= zeta:
+        return u
+    t = zeta / rate
+    if abs(xi) < 1e-9:
+        return u + sigma * math.log(t)
+    return u + sigma / xi * (t**xi - 1.0)
+
+
+class TailModel:
+    """The upper tail of a detector's own residuals: the empirical distribution of the last
+    ``size`` of them, and a generalized-Pareto fit (:func:`fit_gpd`) to the top ``tail_frac``, so a
+    rate far below 1 / size (one in 100,000 steps) can be turned into a threshold
+    (peaks over threshold; Pickands 1975, Coles 2001 ch. 4)."""
+
+    def __init__(self, size: int = 4096, tail_frac: float = 0.1, min_count: int = 500):
+        if not 0.0 < tail_frac < 1.0:
+            raise ValueError("TailModel tail_frac must be in (0, 1)")
+        self.size, self.tail_frac, self.min_count = size, tail_frac, min_count
+        self.values: deque[float] = deque(maxlen=size)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def add_many(self, values: np.ndarray) -> None:
+        self.values.extend(float(v) for v in np.asarray(values, dtype=np.float64) if math.isfinite(v))
+
+    def quantile(self, rate: float) -> float | None:
+        """The level a residual exceeds with probability ``rate`` (None below ``min_count`` residuals):
+        the empirical quantile when rate >= tail_frac, else the GPD extrapolation above the
+        empirical (1 - tail_frac) quantile."""
+        if len(self.values) < self.min_count:
+            return None
+        a = np.fromiter(self.values, dtype=np.float64)
+        u = float(np.quantile(a, 1.0 - self.tail_frac))
+        if rate >= self.tail_frac:
+            return float(np.quantile(a, 1.0 - rate))
+        exc = a[a > u] - u
+        if len(exc) < 10:
+            return float(a.max())
+        xi, sigma = fit_gpd(exc)
+        return gpd_quantile(u, xi, sigma, len(exc) / len(a), rate)
+
+    def state_dict(self) -> dict:
+        return {"size": self.size, "tail_frac": self.tail_frac, "min_count": self.min_count, "values": list(self.values)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.size, self.tail_frac, self.min_count = int(state["size"]), float(state["tail_frac"]), int(state["min_count"])
+        self.values = deque(state["values"], maxlen=self.size)
 
 
 def median_rows(a: np.ndarray) -> np.ndarray:
