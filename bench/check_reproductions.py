@@ -221,8 +221,9 @@ def lowers_verdict(m: dict, control: str, arm: str) -> tuple[str, list[str]]:
             a, b = m[name][(arm, size)], m[name][(control, size)]
             s = separation(a, b)
             seps.append(s)
-            lines.append(f"`{size}`, {'whole grid' if name == 'whole' else 'within 10x'}: {fix(a.mean)} vs {fix(b.mean)} "
-                         f"(ratio {fix(b.mean / a.mean, 2) if a.mean > 0 else 'n/a'}; seeds {s if s != 'overlap' else 'overlap'})")
+            ratio = fix(b.mean / a.mean, 2) if a.mean > 0 else "n/a"
+            lines.append(f"`{size}`, {'whole grid' if name == 'whole' else 'within 10x'}: {arm} {fix(a.mean)} vs {control} "
+                         f"{fix(b.mean)} ({control} / {arm} = {ratio}; seeds {s})")
     return verdict_lower(seps), lines
 
 
