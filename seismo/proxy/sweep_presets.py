@@ -57,6 +57,15 @@ def qk_layernorm(quick: bool = False) -> SweepConfig:
                  sizes=("xxs", "xs", "s", "m"))
 
 
+def qk_clip(quick: bool = False) -> SweepConfig:
+    """QK-Clip at tau = 100 (MuonClip, Kimi Team 2025, "Kimi K2", arXiv 2507.20534, section 2.1)
+    next to the baseline and qk-layernorm: LR sensitivity and max attention logit. The grid and run
+    settings are :func:`qk_layernorm`'s, so its baseline and qk-norm trials are the same configs
+    (the same trial keys) and can stand for this preset's."""
+    return _grid("qk_clip", quick, {"baseline": [], "qk_norm": ["model.qk_norm=true"], "qk_clip": ["qk_clip=100"]},
+                 qk_clip.__doc__, sizes=("xxs", "xs", "s", "m"))
+
+
 def z_loss(quick: bool = False) -> SweepConfig:
     """No weight decay, constant lr after warm-up: with and without z-loss 1e-4; log Z drift (§3.2)."""
     return _grid("z_loss", quick, {"baseline": [], "z_loss": ["z_loss=1e-4"]}, z_loss.__doc__,
@@ -146,6 +155,7 @@ def edge_of_stability(quick: bool = False) -> SweepConfig:
 
 SWEEP_PRESETS: dict[str, Callable[[bool], SweepConfig]] = {
     "qk_layernorm": qk_layernorm,
+    "qk_clip": qk_clip,
     "z_loss": z_loss,
     "warmup": warmup,
     "independent_wd": independent_wd,

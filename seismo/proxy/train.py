@@ -36,8 +36,10 @@ from seismo.mitigate import optimizers
 from seismo.mitigate.guard import Guard, GuardGaveUp
 from seismo.mitigate.losses import z_loss
 from seismo.mitigate.param_groups import decay_groups, independent_weight_decay, mup_param_groups
+from seismo.mitigate.qk_clip import QKClip
 from seismo.mitigate.schedules import lr_at, seqlen_warmup
 from seismo.monitor import PRESETS
+from seismo.monitor.attention import find_attention_sites
 from seismo.proxy.batch_text import batch_record
 from seismo.proxy.checkpoint import load_resume_checkpoint
 from seismo.proxy.config import from_dict, to_dict
@@ -165,6 +167,7 @@ class TrainConfig:
     seqlen_warmup: SeqlenWarmupConfig = field(default_factory=SeqlenWarmupConfig)
     spikes: SpikeInjection = field(default_factory=SpikeInjection)
     z_loss: float = 0.0
+    qk_clip: float = 0.0  # QK-Clip threshold tau after each optimizer step (Kimi K2, arXiv 2507.20534: 100); 0 = off
     guard: str = "none"  # "skip": seismo.Guard skips non-finite and spiking steps (see docs/GUARD.md)
     steps: int = 600
     batch_size: int = 32  # 0 = full batch (modular data)
@@ -208,6 +211,12 @@ class TrainConfig:
             )
         if self.z_loss < 0:
             raise ConfigError(f"z_loss: must be >= 0, got {self.z_loss}")
+        if not self.qk_clip >= 0:
+            raise ConfigError(f"qk_clip: must be >= 0 (tau; 0 = off), got {self.qk_clip}")
+        if self.qk_clip > 0 and (self.model.qk_norm or self.model.attention == "cosine" or self.model.sigma_reparam
+                                 or self.model.attn_softcap is not None):
+            raise ConfigError("qk_clip: needs logits that scale with W_q, W_k: not with model.qk_norm, cosine attention, "
+                              "model.sigma_reparam or model.attn_softcap")
         if self.monitor not in PRESETS + ("none",):
             raise ConfigError(f"monitor: must be one of {PRESETS + ('none',)}, got {self.monitor!r}")
         if self.checkpoint_every and not self.out_dir:
@@ -425,8 +434,10 @@ def train(
         with sigterm_interrupts():
             if cfg.guard == "skip":
                 guard = Guard(model, optimizer, policy="skip", max_grad_norm=cfg.optim.grad_clip, monitor=monitor, zero_grad=False)
+            qk_clip = qk_clipper(model, cfg.qk_clip) if cfg.qk_clip > 0 else None  # after the monitor: see qk_clipper
             status, diverged_at, step, steps_done = _train_loop(
-                cfg, ds, model, optimizer, losses, val_losses, seq_len, start, monitor, guard, ckpt_path, run_id, run_uid, on_log
+                cfg, ds, model, optimizer, losses, val_losses, seq_len, start, monitor, guard, ckpt_path, run_id, run_uid, on_log,
+                qk_clip,
             )
             if guard is not None:
                 guard.close()
@@ -462,8 +473,10 @@ def train(
     return result
 
 
-def _train_loop(cfg, ds, model, optimizer, losses, val_losses, seq_len, start, monitor, guard, ckpt_path, run_id, run_uid, on_log):
-    """Steps ``start .. cfg.steps - 1``; returns ``(status, diverged_at, last step, steps done)``."""
+def _train_loop(cfg, ds, model, optimizer, losses, val_losses, seq_len, start, monitor, guard, ckpt_path, run_id, run_uid, on_log,
+                qk_clip=None):
+    """Steps ``start .. cfg.steps - 1``; returns ``(status, diverged_at, last step, steps done)``.
+    ``qk_clip``: called after each optimizer step (see :func:`qk_clipper`)."""
     status, diverged_at = "completed", None
     slw = cfg.seqlen_warmup
     spike_steps = set(cfg.spikes.steps)
@@ -503,6 +516,8 @@ def _train_loop(cfg, ds, model, optimizer, losses, val_losses, seq_len, start, m
             if cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
+        if qk_clip is not None:  # the logits of this step's forward, rescaling the weights just updated
+            qk_clip()
         losses[step] = loss.detach()
         if monitor is not None:  # which sequences formed the batch and their losses: a spike names its batch
             monitor.step(loss, **batch_record(ds, cfg.seed, step, seq_len, logits, y, step in poison_steps))
@@ -537,6 +552,21 @@ def _train_loop(cfg, ds, model, optimizer, losses, val_losses, seq_len, start, m
             break
     steps_done = step + 1 if cfg.steps > start else start
     return status, diverged_at, step, steps_done
+
+
+def qk_clipper(model: TinyGPT, tau: float) -> Callable[[], Any]:
+    """QK-Clip (MuonClip, Kimi Team 2025, "Kimi K2", arXiv 2507.20534, section 2.1) for ``train``:
+    returns a function to call after each optimizer step, which rescales W_q, W_k of every head whose
+    max pre-softmax logit in that step's training forward exceeded ``tau`` by sqrt(tau / S_h) each.
+
+    The per-head maxima come from the attention taps the monitor reads (no second forward), over
+    every sequence of the batch, as in Kimi K2 (a subsample would miss the largest logits). The taps
+    compute their logits for as many sequences as the last site installed on them asked for, so this
+    is installed after the monitor: in a run with QK-Clip the monitor's ``attn/*`` signals then cover
+    the whole batch, instead of the first ``attention_sample`` sequences (2 by default)."""
+    qk = QKClip(model, tau=tau, max_batch=1 << 20)
+    qk.attach(find_attention_sites(model))
+    return qk.clip
 
 
 def _max_attn_logit(history: dict, store_path: str, run_id: int | None) -> float:
