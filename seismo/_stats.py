@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["MAD_TO_SIGMA", "PowerLaw", "fit_power_law", "lr_sensitivity", "divergence_rate", "predict_unstable_lrs"]
+__all__ = ["MAD_TO_SIGMA", "PowerLaw", "fit_power_law", "lr_sensitivity", "divergence_rate"]
 
 #: 1 / Phi^-1(3/4): multiplying the median absolute deviation by this gives a consistent
 #: estimator of the standard deviation for Gaussian data (Rousseeuw & Croux 1993).
@@ -66,24 +66,3 @@ def lr_sensitivity(losses: Sequence[float], init_loss: float) -> float:
 def divergence_rate(statuses: Sequence[str]) -> float:
     """The fraction of trials whose status is ``diverged`` (NaN for no trial)."""
     return float(np.mean([s == "diverged" for s in statuses])) if len(statuses) else math.nan
-
-
-def predict_unstable_lrs(
-    table: dict[float, dict[float, float]], target_size: float, threshold: float, min_sizes: int = 2
-) -> dict[float, tuple[float, bool]]:
-    """Per LR, fit max attention logit vs model size (``table[lr][size] = logit``) by a power law
-    over the sizes below ``target_size`` and extrapolate to it (Wortsman et al. 2023 §3.1.2 / §6,
-    arXiv 2309.14322). Returns ``{lr: (predicted logit, unstable)}``, unstable meaning the
-    prediction reaches ``threshold``; LRs with fewer than ``min_sizes`` usable sizes are left out."""
-    out = {}
-    for lr, by_size in sorted(table.items()):
-        sizes = sorted(s for s in by_size if s < target_size)
-        try:
-            fit = fit_power_law(sizes, [by_size[s] for s in sizes])
-        except ValueError:
-            continue
-        if fit.n < min_sizes:
-            continue
-        pred = float(fit(target_size))
-        out[lr] = (pred, pred >= threshold)
-    return out

@@ -12,7 +12,7 @@ from rich.text import Text
 from seismo.cli._common import DEFAULT_RUNS_DIR, CLIError, Subcommand, check_directory, console, esc, fmt
 from seismo.cli._training import preflight_trials
 from seismo.diagnose.detectors import default_detectors
-from seismo.proxy.measures import predict_unstable_lrs
+from seismo.proxy.measures import UNSTABLE_MARGIN, scaling_prediction
 from seismo.proxy.sweep import expand, load_sweep_file, load_sweep_results, run_sweep, summarize_sweep
 from seismo.proxy.sweep_presets import SWEEP_PRESETS, get_sweep_preset
 from seismo.report.sweep_plots import plot_sweep, plot_trial_curves
@@ -44,7 +44,7 @@ class Sweep(Subcommand):
         parser.add_argument("--ray-address", default=None, help="connect to an existing Ray cluster (default: start a local one)")
         parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override every trial's config")
         parser.add_argument("--predict", metavar="SIZE",
-                            help="predict from smaller sizes whether SIZE (a size name or parameter count) becomes unstable")
+                            help="predict from >= 3 smaller sizes whether SIZE (a size name or parameter count) becomes unstable")
         parser.add_argument("--out", default=DEFAULT_RUNS_DIR, help="directory for the run store and plots (default: runs)")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -59,6 +59,7 @@ class Sweep(Subcommand):
         out = check_directory(args.out, "--out")
         store_path = out / "seismo.sqlite"
         trials = expand(sweep)  # validates every trial's config before anything runs
+        target = _predict_target(sweep, args.predict) if args.predict else None  # a prediction it cannot make: refuse now
         preflight_trials(trials)  # and that each can run here: its device exists, it fits in memory
         grid = f"{len(sweep.interventions)} interventions x {len(sweep.sizes)} sizes x {len(sweep.lrs)} lrs x {len(sweep.seeds)} seeds"
         con.print(f"[bold]sweep {esc(sweep.name)}[/bold]: {len(trials)} trials ({grid}), backend {args.backend}, store {esc(store_path)}")
@@ -78,14 +79,14 @@ class Sweep(Subcommand):
         # loss-vs-LR table: print their trials; for the others, on request
         if args.trials or any(k in r for r in rows for k in ("final_val_acc", "sharpness_ratio")):
             _print_trials(con, sweep.name, rows, extra)
-        if args.predict:
-            _print_prediction(con, summary, args.predict)
         try:
             paths = plot_sweep(summary, out / f"sweep-{sweep.name}")
             paths += plot_trial_curves(store_path, rows, out / f"sweep-{sweep.name}")
             con.print("Plots:\n" + "\n".join(f"  {esc(p)}" for p in paths))
         except ImportError as exc:  # matplotlib is the optional extra seismo[plot]
             con.print(f"Plots skipped: {esc(exc)}")
+        if target is not None:  # last: if the stored trials cannot carry a fit, the sweep's output is complete anyway
+            _print_prediction(con, rows, target)
         return 0
 
 
@@ -119,35 +120,73 @@ def _print_trials(con, name: str, rows: list[dict], extra: list[str]) -> None:
     con.print(table)
 
 
-def _print_prediction(con, summary, target: str) -> None:
-    """Whether ``target`` becomes unstable, from a power-law fit in size of the smaller sizes' max
-    attention logit (Wortsman et al. 2023, arXiv 2309.14322, §3.1)."""
-    threshold = attention_failure_threshold()
-    base = sorted({r["intervention"] for r in summary.rows})[0]
-    base = "baseline" if any(r["intervention"] == "baseline" for r in summary.rows) else base
-    sized = [r for r in summary.rows if r["intervention"] == base and r["size"] == target and r.get("n_params")]
-    if sized:
-        n_target = float(sized[0]["n_params"])
+MIN_FIT_SIZES = 3  # a power law through 2 points has R^2 = 1 whatever the data
+
+
+def _predict_target(sweep, target: str) -> str | float:
+    """``--predict SIZE`` as a size name of the sweep or a positive parameter count, checked before
+    anything runs: the sweep must have >= :data:`MIN_FIT_SIZES` other sizes to fit."""
+    if target in sweep.sizes:
+        others, value = len(sweep.sizes) - 1, target
     else:
         try:
-            n_target = float(target)
+            value = float(target)
         except ValueError:
-            sizes = ", ".join(summary.n_params)
-            raise CLIError(f"--predict: {target!r} is neither a size of this sweep ({sizes}) nor a parameter count") from None
-        if not (math.isfinite(n_target) and n_target > 0):
+            raise CLIError(f"--predict: {target!r} is neither a size of this sweep ({', '.join(sweep.sizes)}) "
+                           "nor a parameter count") from None
+        if not (math.isfinite(value) and value > 0):
             raise CLIError(f"--predict: a parameter count must be a positive number, got {target!r}")
-    table: dict[float, dict[float, float]] = {}
-    for r in summary.rows:
-        if r["intervention"] == base and r.get("n_params") and math.isfinite(r.get("max_attn_logit", math.nan)):
-            table.setdefault(float(r["lr"]), {})[float(r["n_params"])] = float(r["max_attn_logit"])
-    pred = predict_unstable_lrs(table, n_target, threshold)
-    if not pred:
-        raise CLIError(f"--predict: need at least two sizes smaller than {target} in the sweep to fit a trend")
-    con.print(f"\nPrediction for {esc(target)} ({n_target:.3g} params, {esc(base)}) from smaller sizes: "
-              f"max attention logit by power-law fit in size (unstable from {threshold:g})")
-    for lr, (p, unstable) in pred.items():
-        observed = table.get(lr, {}).get(n_target)
-        obs = f"observed {fmt(observed, 1)} ({'unstable' if observed >= threshold else 'stable'})" if observed is not None else "not run"
-        con.print(f"  lr {lr:g}: predicted {fmt(p, 1)} -> {'UNSTABLE' if unstable else 'stable'}; {obs}")
-    first = next((lr for lr, (_, u) in pred.items() if u), None)
+        others = len(sweep.sizes)
+    if others < MIN_FIT_SIZES:
+        raise CLIError(f"--predict: need >= {MIN_FIT_SIZES} sizes smaller than {target} to fit a trend, this sweep has "
+                       f"{others} other size{'s' * (others != 1)}: a power law through 2 points has R^2 = 1 by construction")
+    return value
+
+
+def _print_prediction(con, rows: list[dict], target: str | float) -> None:
+    """Whether ``target`` becomes unstable, from a power-law fit in size of the smaller sizes'
+    seed-mean max attention logit, >= 3 sizes per fit (Wortsman et al. 2023, arXiv 2309.14322,
+    §3.1.2), via :func:`seismo.proxy.measures.scaling_prediction`, as bench/check_reproductions.py."""
+    threshold = attention_failure_threshold()
+    ivs = sorted({r["intervention"] for r in rows})
+    base = "baseline" if "baseline" in ivs else ivs[0]
+    mine = [r for r in rows if r["intervention"] == base]
+    try:
+        pts = scaling_prediction(rows, base, target, threshold)
+    except ValueError as exc:
+        raise CLIError(f"--predict: {exc}") from None
+    if not pts:
+        raise CLIError(f"--predict: no LR has a positive finite max attention logit at >= {MIN_FIT_SIZES} sizes smaller than {target}")
+    n_params = {r["size"]: float(r["n_params"]) for r in mine if r.get("n_params")}
+    n_target = n_params[target] if isinstance(target, str) else target
+    fit_sizes = sorted((s for s in n_params if n_params[s] < n_target), key=n_params.get)
+    seeds = sorted({r.get("seed", 0) for r in mine})
+    name = target if isinstance(target, str) else f"{target:g} params"
+    con.print(f"\nPrediction for {esc(name)} ({n_target:.3g} params, {esc(base)}) from {len(fit_sizes)} smaller sizes "
+              f"({esc(', '.join(fit_sizes))}; seeds {', '.join(map(str, seeds))}): per LR, a power law in size fitted to the "
+              f"seed-mean max attention logit; predicted unstable = the extrapolated logit reaches {threshold:g} (the "
+              "attention_logit_growth failure level)")
+    right = 0
+    for p in pts:
+        r2 = f"R^2 {p.r2:.2f}" if p.r2 is not None else "R^2 n/a"
+        line = (f"  lr {p.lr:g}: predicted {fmt(p.predicted_logit, 1)} -> {'UNSTABLE' if p.predicted_unstable else 'stable'} "
+                f"({r2}, exponent {p.exponent:.2f}, {p.n_sizes} sizes); ")
+        at = [r for r in mine if r["size"] == target and float(r["lr"]) == p.lr]
+        if at and math.isfinite(p.observed_unstable):
+            k = round(p.observed_unstable * len(at))
+            right += p.predicted_unstable == (p.observed_unstable >= 0.5)
+            line += f"observed logit {fmt(p.observed_logit, 1)} (seed mean), unstable by the loss in {k} of {len(at)} seeds"
+        else:
+            line += "not run"
+        con.print(line)
+    r2s = [p.r2 for p in pts if p.r2 is not None]
+    first = next((p.lr for p in pts if p.predicted_unstable), None)
+    con.print(f"  R^2 of the {len(pts)} fits: {min(r2s):.2f} to {max(r2s):.2f}" if r2s else "  R^2: n/a")
     con.print(f"  predicted lowest unstable lr: {first:g}" if first is not None else "  no lr predicted unstable")
+    observed = [p for p in pts if math.isfinite(p.observed_unstable)]
+    if observed:
+        first_obs = next((p.lr for p in observed if p.observed_unstable >= 0.5), None)
+        con.print(f"  observed lowest unstable lr (at least half the seeds): {first_obs:g}" if first_obs is not None
+                  else "  no lr observed unstable in at least half the seeds")
+        con.print(f"  prediction right at {right} of {len(observed)} lrs. Unstable by the loss: the trial diverged or, above its "
+                  f"seed's best lr, ended more than {UNSTABLE_MARGIN:g} nats above that seed's best loss")

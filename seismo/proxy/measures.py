@@ -2,8 +2,9 @@
 near the best LR), optimal LR, divergence rate, seed spreads, and the size-scaling fits used to
 predict instability before it happens, with an explicit definition of an unstable trial.
 
-``lr_sensitivity``, ``divergence_rate`` and ``predict_unstable_lrs`` live in :mod:`seismo._stats`
-(the report layer uses them too) and are re-exported here.
+``lr_sensitivity`` and ``divergence_rate`` live in :mod:`seismo._stats` (the report layer uses them
+too) and are re-exported here. The size prediction is :func:`scaling_prediction` (``seismo sweep
+--predict`` and bench/check_reproductions.py both call it): fitted on the seed means of >= 3 sizes.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from seismo._stats import PowerLaw, divergence_rate, fit_power_law, lr_sensitivity, predict_unstable_lrs
+from seismo._stats import PowerLaw, divergence_rate, fit_power_law, lr_sensitivity
 
 __all__ = [
-    "lr_sensitivity", "lr_sensitivity_near_best", "optimal_lr", "divergence_rate", "PowerLaw", "fit_power_law",
-    "predict_unstable_lrs", "Spread", "seed_spread", "capped_final_loss", "sensitivity_over_seeds", "cell_spread",
-    "unstable_fraction", "ScalingPoint", "scaling_prediction", "first_step_at_or_above", "sharpness_ratio", "trial_measures",
-    "UNSTABLE_MARGIN",
+    "lr_sensitivity", "lr_sensitivity_near_best", "optimal_lr", "divergence_rate", "PowerLaw", "fit_power_law", "Spread",
+    "seed_spread", "capped_final_loss", "sensitivity_over_seeds", "cell_spread", "unstable_fraction", "ScalingPoint",
+    "scaling_prediction", "first_step_at_or_above", "sharpness_ratio", "trial_measures", "UNSTABLE_MARGIN",
 ]
 
 #: An LR is *unstable* for a trial when the trial diverged, or when the LR is above the trial's best
@@ -156,26 +156,39 @@ class ScalingPoint:
     observed_unstable: float  #: fraction of the target size's seeds for which this LR is unstable (NaN if not run)
 
 
-def scaling_prediction(rows: Sequence[dict], intervention: str, target: str, threshold: float, fit_sizes: Sequence[str] | None = None,
-                       min_sizes: int = 3, margin: float = UNSTABLE_MARGIN) -> list[ScalingPoint]:
+def scaling_prediction(rows: Sequence[dict], intervention: str, target: str | float, threshold: float,
+                       fit_sizes: Sequence[str] | None = None, min_sizes: int = 3, margin: float = UNSTABLE_MARGIN) -> list[ScalingPoint]:
     """Predict a held-out size from smaller ones (Wortsman et al. 2023 §3.1.2, arXiv 2309.14322).
 
     Per LR, the seed-mean max attention logit of the ``fit_sizes`` (default: every size smaller
-    than ``target``) is fitted by a power law in non-embedding parameters and extrapolated to
+    than ``target``) is fitted by a power law in the trials' ``n_params`` and extrapolated to
     ``target``; the LR is predicted unstable if the prediction reaches ``threshold``. The
     prediction is checked against what the target size did: the fraction of its seeds for which
     the LR is unstable by the loss (:func:`unstable_fraction`: diverged, or more than ``margin``
     nats above the best), not by the logit alone. Needs ``min_sizes`` (>= 3) fitted sizes: with
-    two, R^2 = 1 whatever the data."""
+    two, R^2 = 1 whatever the data.
+
+    ``target`` is a size name of ``rows`` or a parameter count (a size that was not run: its
+    observed fields are NaN, unless a size of ``rows`` has exactly that count). LRs with fewer than
+    ``min_sizes`` positive finite seed means are left out (a seed's non-finite logit makes its
+    cell's mean non-finite)."""
     if min_sizes < 3:
         raise ValueError(f"min_sizes must be >= 3 (a 2-point fit has R^2 = 1 by construction), got {min_sizes}")
     mine = [r for r in rows if r["intervention"] == intervention]
     n_params = {r["size"]: float(r["n_params"]) for r in mine if r.get("n_params")}
-    if target not in n_params:
-        raise ValueError(f"target size {target!r} has no trial with n_params for {intervention!r}")
-    fit_sizes = list(fit_sizes) if fit_sizes is not None else [s for s in n_params if n_params[s] < n_params[target]]
+    if isinstance(target, str):
+        if target not in n_params:
+            raise ValueError(f"target size {target!r} has no trial with n_params for {intervention!r}")
+        n_target = n_params[target]
+    else:
+        n_target = float(target)
+        if not (math.isfinite(n_target) and n_target > 0):
+            raise ValueError(f"a target parameter count must be positive and finite, got {target!r}")
+        target = next((s for s, n in n_params.items() if n == n_target), "")
+    fit_sizes = list(fit_sizes) if fit_sizes is not None else sorted((s for s in n_params if n_params[s] < n_target), key=n_params.get)
     if len(fit_sizes) < min_sizes:
-        raise ValueError(f"need >= {min_sizes} sizes to fit, got {sorted(fit_sizes)}")
+        raise ValueError(f"need >= {min_sizes} sizes to fit, got {len(fit_sizes)} ({', '.join(fit_sizes) or 'none'}): "
+                         "a power law through 2 points has R^2 = 1 by construction")
     logit = {k: v.mean for k, v in cell_spread(mine, "max_attn_logit").items()}
     unstable = unstable_fraction(mine, margin)
     out = []
@@ -185,7 +198,7 @@ def scaling_prediction(rows: Sequence[dict], intervention: str, target: str, thr
         if len(pts) < min_sizes:
             continue
         fit = fit_power_law([p[0] for p in pts], [p[1] for p in pts])
-        pred = float(fit(n_params[target]))
+        pred = float(fit(n_target))
         out.append(ScalingPoint(lr, pred, pred >= threshold, fit.r2 if fit.n >= 3 else None, fit.exponent, fit.n,
                                 logit.get((intervention, target, lr), math.nan), unstable.get((intervention, target, lr), math.nan)))
     return out

@@ -44,15 +44,16 @@ def test_prediction_threshold_is_the_detectors():
 def test_cli_quick_preset_table_plots_and_predict_error(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = str(tmp_path / "runs")
-    # --predict s: the quick preset has sizes xs and s, so there is one smaller size and no trend.
-    # The sweep runs first (12 trials), the table is printed, then the prediction fails.
+    # --predict s: the quick preset has sizes xs and s, so there is one smaller size and no trend:
+    # refused before anything runs (a fit needs 3 sizes; through 2 it has R^2 = 1 whatever the data).
     code = main(["sweep", "qk_layernorm", "--quick", "--workers", "2", "--out", out, "--predict", "s"])
     captured = capsys.readouterr()
     assert code == 2
     assert captured.err.strip().count("\n") == 0
-    assert captured.err.startswith("seismo: error: --predict: need at least two sizes smaller than s")
-    assert "qk_layernorm-quick: LR sensitivity" in captured.out
-    # the same command without --predict: every trial is stored, so it only reports
+    assert captured.err.startswith("seismo: error: --predict: need >= 3 sizes smaller than s to fit a trend, this sweep has 1 other size")
+    assert "R^2 = 1 by construction" in captured.err
+    assert "LR sensitivity" not in captured.out and not (Path(out) / "seismo.sqlite").exists()
+    # without --predict: the 12 trials run and are reported
     code = main(["sweep", "qk_layernorm", "--quick", "--workers", "2", "--out", out])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -111,3 +112,100 @@ def test_cli_predict_with_an_unknown_size_is_an_error(tmp_path, capsys, one_erro
     line = one_error_line(capsys.readouterr().err)
     assert code == 2
     assert "--predict: 'huge' is neither a size of this sweep (xs) nor a parameter count" in line
+
+
+# --- --predict on a synthetic store ------------------------------------------------------------------
+# Four sizes a < b < c < d (the real xxs..m models, so the sweep's configs are valid, but with
+# synthetic n_params 1e2, 1e4, 1e6, 1e8), two LRs and two seeds; every trial is already in the store,
+# so `seismo sweep` trains nothing and only reports. Seed 0's max attention logit is 0.9 x, seed 1's
+# 1.1 x the seed mean c(lr) * sqrt(N) (x 3 at size b for lr 1e-1):
+#   lr 1e-2, c = 0.095: an exact power law; the fit on a, b, c predicts 0.095 * sqrt(1e8) = 950 at d,
+#     below the failure level 1e3: stable, R^2 = 1. Seed 1 alone (the last seed) would give 1045:
+#     UNSTABLE, so a prediction keyed by size only (the last seed wins) fails this test.
+#   lr 1e-1, c = 0.2, x 3 at b: in log-log the points are a line plus [0, d, 0], d = ln 3, at
+#     log-sizes spaced by h = ln 100. By symmetry the slope stays 0.5 and the intercept rises by d/3:
+#     predicted 0.2 * 1e4 * 3 ** (1/3) = 2884.5 (UNSTABLE). Residuals [-d/3, 2d/3, -d/3], so
+#     SS_res = 2 d^2 / 3, SS_tot = h^2 / 2 + 2 d^2 / 3, and R^2 = 1 - SS_res / SS_tot = 0.9295.
+# At d, lr 1e-1 ends 1.0 nats above the best loss in both seeds (unstable by the loss), lr 1e-2 at it.
+PRED_SIZES = {"a": ("xxs", 1e2), "b": ("xs", 1e4), "c": ("s", 1e6), "d": ("m", 1e8)}
+PRED_C = {1e-2: 0.095, 1e-1: 0.2}
+
+
+def _synthetic_sweep(tmp_path, sizes=PRED_SIZES) -> str:
+    """A sweep TOML and a store holding every one of its trials (synthetic results, no training)."""
+    from seismo.proxy.sweep import expand, load_sweep_file
+
+    toml = tmp_path / "pred.toml"
+    toml.write_text('name = "pred"\nlrs = [1e-2, 1e-1]\nseeds = [0, 1]\noverrides = ' + json.dumps(TINY_RUN) + "\n[sizes]\n"
+                    + "".join(f"{name} = {json.dumps(SIZES[real])}\n" for name, (real, _) in sizes.items()))
+    with RunStore(tmp_path / "seismo.sqlite") as store:
+        for t in expand(load_sweep_file(toml)):
+            n = sizes[t.size][1]
+            logit = PRED_C[t.lr] * n**0.5 * (3.0 if (t.size, t.lr) == ("b", 1e-1) else 1.0) * (0.9 if t.seed == 0 else 1.1)
+            loss = 3.0 if (t.size, t.lr) == ("d", 1e-1) else 2.0
+            meta = dict(sweep=t.sweep, trial_key=t.key, intervention=t.intervention, size=t.size, lr=t.lr, seed=t.seed,
+                        status="completed", steps_done=10, final_train_loss=loss, final_val_loss=loss, init_loss=4.0,
+                        max_attn_logit=logit, n_params=n, diverged_at=None)
+            store.record_run(t.run_name, config=t.config, meta=meta, status="completed")
+    return str(toml)
+
+
+def _prediction_lines(text: str) -> dict[float, str]:
+    return {float(m.group(1)): m.group(0) for m in re.finditer(r"lr ([0-9.e+-]+): predicted .*", text)}
+
+
+def test_cli_predict_fits_seed_means_and_prints_r2(tmp_path, capsys):
+    toml = _synthetic_sweep(tmp_path)
+    code = main(["sweep", toml, "--workers", "1", "--out", str(tmp_path), "--predict", "d"])
+    out = capsys.readouterr().out
+    assert code == 0
+    text = " ".join(out.split())  # rich wraps long lines at the console width
+    assert "8 trials" not in text and "16 trials" in text  # every trial was already stored: nothing ran
+    assert "Prediction for d (1e+08 params, baseline) from 3 smaller sizes (a, b, c; seeds 0, 1)" in text
+    lines = _prediction_lines(out)
+    assert set(lines) == {1e-2, 1e-1}
+    h, d = math.log(100.0), math.log(3.0)
+    r2 = 1 - (2 * d**2 / 3) / (h**2 / 2 + 2 * d**2 / 3)
+    assert r2 == pytest.approx(0.9295, abs=1e-4)
+    assert lines[1e-2] == ("lr 0.01: predicted 950.0 -> stable (R^2 1.00, exponent 0.50, 3 sizes); "
+                           "observed logit 950.0 (seed mean), unstable by the loss in 0 of 2 seeds")
+    assert lines[1e-1] == (f"lr 0.1: predicted {2000 * 3 ** (1 / 3):.1f} -> UNSTABLE (R^2 {r2:.2f}, exponent 0.50, 3 sizes); "
+                           "observed logit 2000.0 (seed mean), unstable by the loss in 2 of 2 seeds")
+    assert f"R^2 of the 2 fits: {r2:.2f} to 1.00" in text
+    assert "predicted lowest unstable lr: 0.1" in text
+    assert "observed lowest unstable lr (at least half the seeds): 0.1" in text
+    assert "prediction right at 2 of 2 lrs" in text
+
+
+def test_cli_predict_a_parameter_count_that_was_not_run(tmp_path, capsys):
+    toml = _synthetic_sweep(tmp_path)
+    assert main(["sweep", toml, "--workers", "1", "--out", str(tmp_path), "--predict", "1e10"]) == 0
+    out = capsys.readouterr().out
+    # every size is smaller than 1e10, so the fit uses all four: for lr 1e-2 the exact law gives
+    # 0.095 * 1e5 = 9500; nothing was run at 1e10, so there is nothing observed to compare with
+    assert "from 4 smaller sizes (a, b, c, d;" in " ".join(out.split())
+    lines = _prediction_lines(out)
+    assert lines[1e-2].startswith("lr 0.01: predicted 9500.0 -> UNSTABLE (R^2 1.00, exponent 0.50, 4 sizes); not run")
+    assert "prediction right at" not in out
+
+
+def test_cli_predict_refuses_a_two_point_fit_after_the_run(tmp_path, capsys, one_error_line):
+    """b has 3 other sizes in the sweep (so the early check passes) but only a is smaller."""
+    toml = _synthetic_sweep(tmp_path)
+    code = main(["sweep", toml, "--workers", "1", "--out", str(tmp_path), "--predict", "b"])
+    captured = capsys.readouterr()
+    line = one_error_line(captured.err)
+    assert code == 2
+    assert "--predict: need >= 3 sizes to fit, got 1 (a): a power law through 2 points has R^2 = 1 by construction" in line
+    assert "LR sensitivity" in captured.out  # the sweep's own report came first
+
+
+def test_cli_predict_refuses_before_running_with_fewer_than_three_other_sizes(tmp_path, capsys, one_error_line):
+    sizes = {k: PRED_SIZES[k] for k in ("a", "b", "c")}
+    toml = _synthetic_sweep(tmp_path, sizes)
+    code = main(["sweep", toml, "--workers", "1", "--out", str(tmp_path / "other"), "--predict", "c"])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2
+    assert "--predict: need >= 3 sizes smaller than c to fit a trend, this sweep has 2 other sizes" in line
+    assert "R^2 = 1 by construction" in line
+    assert not (tmp_path / "other" / "seismo.sqlite").exists()

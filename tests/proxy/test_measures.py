@@ -2,7 +2,7 @@
 out by hand and against METHODS.md §1.3 (LR sensitivity) and §1.7 (predicting instability from
 smaller models): ``lr_sensitivity`` (whole grid and near the best LR), ``optimal_lr``,
 ``divergence_rate``, seed spreads, the loss-based definition of an unstable LR, ``fit_power_law``,
-``predict_unstable_lrs`` and the held-out-size ``scaling_prediction``.
+the held-out-size ``scaling_prediction``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from seismo.proxy.measures import (
     lr_sensitivity,
     lr_sensitivity_near_best,
     optimal_lr,
-    predict_unstable_lrs,
     scaling_prediction,
     seed_spread,
     sensitivity_over_seeds,
@@ -153,49 +152,13 @@ def test_fit_power_law_r2_below_one_on_noisy_data():
     assert isinstance(fit, PowerLaw)
 
 
-def test_predict_unstable_lrs_on_synthetic_power_laws():
-    # max attention logit = c(lr) * N ** 0.5 for three model sizes; the target has 1e8 parameters.
-    #   lr 1e-3: c = 0.01 -> 0.01 * 1e4 = 100    at 1e8: stable   (< 1000)
-    #   lr 1e-2: c = 0.05 -> 0.05 * 1e4 = 500    at 1e8: stable
-    #   lr 1e-1: c = 0.2  -> 0.2  * 1e4 = 2000   at 1e8: UNSTABLE (>= 1000)
-    # At the largest size run (1e6 -> sqrt = 1e3) all three are still below 1000: 10, 50, 200.
-    sizes = [1e4, 1e5, 1e6]
-    coef = {1e-3: 0.01, 1e-2: 0.05, 1e-1: 0.2}
-    table = {lr: {n: c * n**0.5 for n in sizes} for lr, c in coef.items()}
-    assert all(v < 1e3 for by in table.values() for v in by.values())
-    pred = predict_unstable_lrs(table, 1e8, threshold=1e3)
-    assert list(pred) == [1e-3, 1e-2, 1e-1]  # ascending lr
-    for lr, c in coef.items():
-        assert pred[lr][0] == pytest.approx(c * 1e4, rel=1e-9)
-    assert [lr for lr, (_, unstable) in pred.items() if unstable] == [1e-1]
-    # reaching the threshold exactly counts as unstable
-    assert predict_unstable_lrs(table, 1e8, threshold=2000.0 * (1 - 1e-9))[1e-1][1]
-
-
-def test_predict_uses_only_smaller_sizes_and_skips_lrs_without_a_trend():
-    table = {
-        1e-2: {1e4: 1.0, 1e6: 10.0, 1e8: 5000.0},  # the target's own (observed) value is not used
-        1e-1: {1e4: 3.0, 1e8: 9.0},  # one smaller size only: no fit, no prediction
-    }
-    pred = predict_unstable_lrs(table, 1e8, threshold=1e3)
-    assert list(pred) == [1e-2]
-    value, unstable = pred[1e-2]
-    assert value == pytest.approx(100.0, rel=1e-9) and not unstable
-    assert predict_unstable_lrs({}, 1e8, 1e3) == {}
-
-
-def test_predict_unstable_lrs_can_require_three_sizes():
-    table = {1e-2: {1e4: 1.0, 1e6: 10.0}, 1e-1: {1e3: 1.0, 1e4: 2.0, 1e5: 4.0}}
-    assert list(predict_unstable_lrs(table, 1e8, 1e3, min_sizes=3)) == [1e-1]
-
-
 def test_shared_measures_are_one_implementation():
     """measures.py re-exports the _stats functions the report layer uses: one definition, not copies."""
     import seismo.report.sweep_report as sweep_report
 
     assert measures.lr_sensitivity is seismo._stats.lr_sensitivity is sweep_report.lr_sensitivity
     assert measures.divergence_rate is seismo._stats.divergence_rate
-    assert measures.predict_unstable_lrs is seismo._stats.predict_unstable_lrs
+    assert not hasattr(measures, "predict_unstable_lrs")  # the size prediction is scaling_prediction only
 
 
 def test_fit_power_law_counts_its_points():
@@ -345,3 +308,32 @@ def test_scaling_prediction_r2_below_one_on_a_bent_trend():
     assert p.r2 == pytest.approx(r2, abs=1e-12) and p.r2 < 1.0
     # by symmetry the slope is unchanged and the intercept rises by ln(3) / 3
     assert p.predicted_logit == pytest.approx(500.0 * 3.0 ** (1 / 3), rel=1e-9)
+
+
+def test_scaling_prediction_uses_seed_means_not_the_last_seed():
+    """lr 1e-2 with c = 0.095: the seed mean (0.9 x and 1.1 x) predicts 950 at 1e8, below 1e3;
+    seed 1 alone would predict 1045, above it. Keying by size only (the last seed wins) fails here."""
+    rows = _scaling_rows()
+    for r in rows:
+        if r["lr"] == 1e-2:
+            r["max_attn_logit"] *= 0.095 / 0.05
+    p = scaling_prediction(rows, "base", "d", threshold=1e3)[0]
+    assert p.predicted_logit == pytest.approx(950.0, rel=1e-9) and not p.predicted_unstable
+    seed1 = [r for r in rows if r["seed"] == 1]
+    assert scaling_prediction(seed1, "base", "d", threshold=1e3)[0].predicted_logit == pytest.approx(1045.0, rel=1e-9)
+
+
+def test_scaling_prediction_to_a_parameter_count():
+    """A target given as a parameter count: sizes below it are fitted; one not run has no observation,
+    one equal to a size's n_params is that size."""
+    rows = _scaling_rows()
+    far = scaling_prediction(rows, "base", 1e10, threshold=1e3)
+    assert [p.n_sizes for p in far] == [4, 4]  # a, b, c and d are all below 1e10
+    assert far[0].predicted_logit == pytest.approx(0.05 * 1e5, rel=1e-9)
+    assert math.isnan(far[0].observed_logit) and math.isnan(far[0].observed_unstable)
+    same = scaling_prediction(rows, "base", 1e8, threshold=1e3)
+    assert same == scaling_prediction(rows, "base", "d", threshold=1e3)
+    with pytest.raises(ValueError, match="got 1 \\(a\\): a power law through 2 points has R\\^2 = 1 by construction"):
+        scaling_prediction(rows, "base", 1e3, threshold=1e3)
+    with pytest.raises(ValueError, match="positive"):
+        scaling_prediction(rows, "base", -1.0, threshold=1e3)
