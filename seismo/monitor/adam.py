@@ -24,6 +24,15 @@ multiplies by a post-reset warm-up factor; NAdam mixes in the gradient) it descr
 not the exact step.
 
 Computed in the optimizer's post-step hook on tracked steps, from the state the step just wrote.
+
+Sharded optimizer state (FSDP2's ``fully_shard``, tensor parallel: ``DTensor`` moments and
+gradients): every signal is a sum, a count or a max over coordinates, so each rank computes them
+per parameter over its **local shard** (``to_local()``, no gather) and one all-gather per mesh
+dimension of the stacked per-parameter values (on tracked steps only, no host sync) turns them into
+the values over the full tensors: sums and counts add across the ranks (a ``Replicate`` mesh
+dimension weighted by 1 / its size, as the norms of :mod:`~seismo.monitor.gradients`), maxima take
+the max. The r of each coordinate is computed from the same moments as unsharded, so the values
+equal the unsharded run's up to float summation order.
 """
 
 from __future__ import annotations
@@ -31,12 +40,52 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from seismo.monitor.gradients import _local, _ShardedSums
 from seismo.monitor.probe import HookedProbe, ProbeContext, ProbeFailure, param_modules
 from seismo.monitor.tracking import Schedule
 
-__all__ = ["AdamProbe", "adam_ratio", "adam_step_count", "adam_second_moment", "bias_corrections"]
+__all__ = ["AdamProbe", "adam_ratio", "adam_step_count", "adam_second_moment", "bias_corrections", "ShardedReduce"]
+
+
+class ShardedReduce:
+    """Per-parameter sums and maxima over local DTensor shards -> over the full tensors.
+
+    ``sums``: (K, P) local sums, ``maxes``: (P,) local maxima, one column per parameter of the
+    list given at construction. For each mesh holding DTensor parameters, one all-gather per mesh
+    dimension of both (flattened together), then a weighted sum (``Replicate`` dimensions count
+    1 / their size) and a max over the gathered ranks: the same order on every rank, so every
+    rank gets bitwise the same values. Plain-tensor parameters stay as they are; with no DTensor
+    parameter it is the identity (no collective).
+    """
+
+    def __init__(self, params: list[Tensor]):
+        self.groups = _ShardedSums(params).groups
+
+    def __call__(self, sums: Tensor, maxes: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.groups:
+            return sums, maxes
+        sums, maxes = sums.clone(), maxes.clone()
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        k = sums.shape[0]
+        for process_groups, idx, weight in self.groups:
+            idx, weight = idx.to(sums.device), weight.to(sums.device)
+            part = sums.index_select(-1, idx) * weight
+            mx = maxes.index_select(-1, idx)
+            n = idx.numel()
+            for pg in process_groups:
+                size = dist.get_world_size(pg)
+                flat = torch.cat([part.reshape(-1), mx])
+                out = flat.new_empty(size * flat.numel())
+                gather(out, flat, group=pg)
+                out = out.view(size, -1)
+                part = out[:, : k * n].sum(0).view(k, n)
+                mx = out[:, k * n:].amax(0)
+            sums.index_copy_(-1, idx, part)
+            maxes.index_copy_(-1, idx, mx)
+        return sums, maxes
 
 
 def adam_step_count(state: Mapping[str, Any], group: Mapping[str, Any]) -> Tensor | int | float | None:
@@ -106,21 +155,28 @@ class AdamProbe(HookedProbe):
         if not groups:
             raise ProbeFailure("none of the model's parameters is in the optimizer")
         self.owner_of = {}
+        self.slot_of: dict[int, int] = {}
         self.modules = list(groups)
+        params = []
         for i, plist in enumerate(groups.values()):
             for p in plist:
                 self.owner_of[id(p)] = i
+                self.slot_of[id(p)] = len(params)
+                params.append(p)
+        self._owner = torch.tensor([self.owner_of[id(p)] for p in params])
+        self._reduce = ShardedReduce(params)
         self.hooks.add(ctx.optimizer.register_step_post_hook(self.guard(self._post)))
 
     @torch.no_grad()
     def _post(self, optimizer, args, kwargs) -> None:
         if not self.armed:
             return
-        M = len(self.modules)
+        M, P = len(self.modules), len(self.slot_of)
+        # per parameter: coordinates, sum r, sum r^2, count |r| > thr, count eps-dominated, sum |v|,
+        # sum r*g, sum g^2; and max v. Over the local shard of a DTensor, then reduced across the mesh.
+        rows: list[Tensor | None] = [None] * P
+        vmax: list[Tensor | None] = [None] * P
         dev = None
-        acc = None  # per module: coordinates, sum r, sum r^2, count |r| > thr, count eps-dominated
-        dot = gsq = rsq = v_l1 = v_max = None
-        seen = False
         for group in optimizer.param_groups:
             betas = group.get("betas")
             eps = group.get("eps")
@@ -130,61 +186,71 @@ class AdamProbe(HookedProbe):
                 st = optimizer.state.get(p)
                 if not st or "exp_avg" not in st or "exp_avg_sq" not in st or id(p) not in self.owner_of:
                     continue
-                seen = True
                 step = adam_step_count(st, group)
                 if step is None:
                     raise ProbeFailure(
                         f"{type(optimizer).__name__} keeps no 'step' count (parameter state or param group): "
                         "Adam's bias correction is unknown, the Adam probe is off"
                     )
-                r, sv = adam_ratio(st["exp_avg"], adam_second_moment(st, group), step, betas[0], betas[1], eps)
-                if acc is None:
+                step = _local(step) if isinstance(step, Tensor) else step
+                r, sv = adam_ratio(_local(st["exp_avg"]), _local(adam_second_moment(st, group)), step, betas[0],
+                                   betas[1], eps)
+                if dev is None:
                     dev = r.device
-                    acc = torch.zeros(M, 5, device=dev)
-                    dot, gsq, rsq = (torch.zeros((), device=dev) for _ in range(3))
-                    v_l1 = torch.zeros((), device=dev)
-                    v_max = torch.full((), float("-inf"), device=dev)
-                i = self.owner_of[id(p)]
+                    zero = torch.zeros((), device=dev)
                 r2 = r.pow(2).sum()
-                row = torch.stack([
+                v = _local(st["exp_avg_sq"]).float()
+                dot = gsq = zero
+                if p.grad is not None:
+                    g = _local(p.grad.detach()).float()
+                    ok = True
+                    if r.shape != g.shape:
+                        # sparse-momentum optimizers (SPAM's `density`) keep the moments of the
+                        # coordinates in a boolean `mask` only, flattened
+                        mask = st.get("mask")
+                        ok = isinstance(mask, Tensor) and mask.shape == g.shape
+                        if ok:
+                            g, rr = g[_local(mask)], r.reshape(-1)
+                            ok = g.numel() == rr.numel()
+                    else:
+                        rr = r
+                    if ok:
+                        dot = (rr * g).sum()
+                        gsq = g.pow(2).sum()
+                i = self.slot_of[id(p)]
+                rows[i] = torch.stack([
                     torch.ones((), device=dev) * r.numel(),
                     r.sum(),
                     r2,
                     (r.abs() > self.bimodal_threshold).sum().float(),
                     (sv < eps).sum().float(),
+                    v.abs().sum(),
+                    dot.float(),
+                    gsq.float(),
                 ])
-                acc[i] += row
-                v = st["exp_avg_sq"].float()
-                v_l1 = v_l1 + v.abs().sum()
-                v_max = torch.maximum(v_max, v.max())
-                rsq = rsq + r2
-                if p.grad is not None:
-                    g = p.grad.detach().float()
-                    if r.shape != g.shape:
-                        # sparse-momentum optimizers (SPAM's `density`) keep the moments of the
-                        # coordinates in a boolean `mask` only, flattened
-                        mask = st.get("mask")
-                        if not (isinstance(mask, Tensor) and mask.shape == g.shape):
-                            continue
-                        g, r = g[mask], r.reshape(-1)
-                        if g.numel() != r.numel():
-                            continue
-                    dot = dot + (r * g).sum()
-                    gsq = gsq + g.pow(2).sum()
-        if not seen:
+                # an empty local shard (a parameter with fewer rows than ranks) has no max
+                vmax[i] = v.amax() if v.numel() else torch.full((), float("-inf"), device=dev)
+        if dev is None:
             if any(optimizer.state.values()):
                 raise ProbeFailure(
                     f"{type(optimizer).__name__} keeps no Adam state (exp_avg / exp_avg_sq); the Adam probe is off"
                 )
             return
+        zeros8 = torch.zeros(8, device=dev)
+        ninf = torch.full((), float("-inf"), device=dev)
+        sums = torch.stack([zeros8 if x is None else x.to(dev) for x in rows], dim=1)  # (8, P)
+        maxes = torch.stack([ninf if x is None else x.to(dev) for x in vmax])
+        sums, maxes = self._reduce(sums, maxes)
+        acc = torch.zeros(M, 5, device=dev).index_add_(0, self._owner.to(dev), sums[:5].T)
         n = acc[:, 0].clamp_min(1)
         mean = acc[:, 1] / n
         std = (acc[:, 2] / n - mean.pow(2)).clamp_min(0).sqrt()
         rms = (acc[:, 2] / n).sqrt()
+        rsq, dot, gsq = sums[2].sum(), sums[6].sum(), sums[7].sum()
         out = {
             "adam/update_grad_cos": dot / (rsq.sqrt() * gsq.sqrt()).clamp_min(1e-30),
-            "adam/v_l1": v_l1,
-            "adam/v_max": v_max,
+            "adam/v_l1": sums[5].sum(),
+            "adam/v_max": maxes.amax(),
         }
         for i, m in enumerate(self.modules):
             out[f"adam/ratio_std/{m}"] = std[i]

@@ -14,6 +14,10 @@ above that, in particular right after a spike, is the signal.
 under amsgrad), with ``g`` the gradient of that step; same state conventions as
 :mod:`~seismo.monitor.adam`. Computed in the optimizer's post-step hook on tracked steps, into
 device tensors (no host synchronisation). Opt-in: not part of the built-in presets.
+
+Sharded state (FSDP2, tensor parallel: ``DTensor`` moments and gradients): both counts are sums,
+taken per parameter over each rank's local shard and added across the mesh by one all-gather per
+mesh dimension (:class:`~seismo.monitor.adam.ShardedReduce`), so they equal the unsharded counts.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seismo.monitor.adam import adam_second_moment, adam_step_count, bias_corrections
+from seismo.monitor.adam import ShardedReduce, adam_second_moment, adam_step_count, bias_corrections
+from seismo.monitor.gradients import _local
 from seismo.monitor.probe import HookedProbe, ProbeContext, ProbeFailure, param_modules
 from seismo.monitor.tracking import Schedule
 
@@ -59,19 +64,25 @@ class AdamStalenessProbe(HookedProbe):
             raise ProbeFailure(f"{type(opt).__name__} keeps no Adam second moment (betas / exp_avg_sq); the staleness probe is off")
         in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
         self.owner: dict[int, str] = {}
+        self.slot: dict[int, int] = {}
+        params = []
         for module, plist in param_modules(ctx.model).items():
             for _, p in plist:
                 if id(p) in in_opt:
                     self.owner[id(p)] = module
+                    self.slot[id(p)] = len(params)
+                    params.append(p)
         if not self.owner:
             raise ProbeFailure("none of the model's parameters is in the optimizer")
+        self._reduce = ShardedReduce(params)
         self.hooks.add(opt.register_step_post_hook(self.guard(self._post)))
 
     @torch.no_grad()
     def _post(self, optimizer, args, kwargs) -> None:
         if not self.armed:
             return
-        per: dict[str, list[Tensor]] = {}
+        counts: list[tuple[Tensor, Tensor] | None] = [None] * len(self.slot)  # per parameter: (stale, coordinates)
+        seen: dict[str, list[int]] = {}  # module -> its parameters' slots, in the order first met
         for group in optimizer.param_groups:
             betas = group.get("betas")
             if betas is None:
@@ -82,18 +93,23 @@ class AdamStalenessProbe(HookedProbe):
                 if module is None or p.grad is None or not st or "exp_avg_sq" not in st:
                     continue
                 step = adam_step_count(st, group)
-                v = adam_second_moment(st, group)
-                if step is None or v.shape != p.grad.shape:
+                v = _local(adam_second_moment(st, group))
+                g = _local(p.grad)
+                if step is None or v.shape != g.shape:
                     continue  # no bias correction known, or moments kept for a subset (SPAM masks)
-                s, n = stale_fraction(p.grad, v, step, betas[1], self.ratio)
-                acc = per.setdefault(module, [torch.zeros_like(s), torch.zeros_like(n)])
-                acc[0] = acc[0] + s
-                acc[1] = acc[1] + n
-        if not per:
+                step = _local(step) if isinstance(step, Tensor) else step
+                counts[self.slot[id(p)]] = stale_fraction(g, v, step, betas[1], self.ratio)
+                seen.setdefault(module, []).append(self.slot[id(p)])
+        if not seen:
             return
-        out = {f"adam/stale_frac/{m}": s / n.clamp_min(1) for m, (s, n) in per.items()}
-        dev = next(iter(per.values()))[0].device
-        total_s = torch.stack([s.to(dev) for s, _ in per.values()]).sum()
-        total_n = torch.stack([n.to(dev) for _, n in per.values()]).sum()
+        dev = next(c for c in counts if c is not None)[0].device
+        zero = torch.zeros(2, device=dev)
+        sums = torch.stack([zero if c is None else torch.stack(c).to(dev) for c in counts], dim=1)  # (2, P)
+        sums, _ = self._reduce(sums, torch.zeros(len(counts), device=dev))
+        out = {}
+        for m, slots in seen.items():
+            s, n = sums[:, slots].sum(1).unbind()
+            out[f"adam/stale_frac/{m}"] = s / n.clamp_min(1)
+        total_s, total_n = sums.sum(1).unbind()
         out["adam/stale_frac"] = total_s / total_n.clamp_min(1)
         self.values = out

@@ -3,13 +3,23 @@
 A loss spike is shown to rank 1's Guard only; the flags are all-reduced with MAX, so both ranks
 must skip that step (their parameter shards and AdamW state unchanged) and report the same events.
 The Guard's gradient norm is the norm of the full (sharded) gradient, the same on both ranks.
-Rollback of a sharded model is refused at construction with a one-line ConfigError: the Guard's
-snapshots are plain ``state_dict`` copies, not ``torch.distributed.checkpoint`` shards.
+
+Rollback through ``torch.distributed.checkpoint``: a loss spike on three consecutive data indices,
+shown to rank 1 only, makes both ranks skip three steps and roll back to the in-memory checkpoint
+of step 12. Right after the rollback every rank's parameter shards and AdamW state (moments and
+step counter) must equal, bitwise, what they were when step 12 was first reached. The run then
+goes on past the skipped data; its losses must equal, bitwise, those of the same FSDP2 model
+trained without a Guard on the data schedule that never saw the skipped batches (from step 0),
+and, within 1e-6 relative (measured: 1.1e-7), the losses of an unsharded single-process run of that schedule on the
+full batch. Disk: a second FSDP2 model and Guard resume from the newest DCP snapshot directory
+(written by both ranks, renamed by rank 0) and must repeat the first run's last losses bitwise.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
+import math
 import os
 import warnings
 
@@ -18,8 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from seismo.errors import ConfigError
-from seismo.mitigate.guard import Guard, GuardWarning
+from seismo.mitigate.guard import Guard, GuardWarning, data_index
 from seismo.proxy.model import GPTConfig, TinyGPT
 
 WORLD = 2
@@ -40,52 +49,168 @@ def _local_state(model, opt):
 
 
 def _worker(rank: int, out_dir: str) -> None:
-    from torch.distributed.fsdp import fully_shard
-
+    """Both scenarios in one pair of processes (starting them costs more than the training)."""
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", GuardWarning)
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rdzv')}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     try:
-        torch.manual_seed(0)
-        model = TinyGPT(CFG)
-        for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        try:
-            Guard(model, opt, policy="rollback")
-            refused = ""
-        except ConfigError as exc:
-            refused = str(exc)
-        guard = Guard(model, opt, policy="skip", warmup=8)
-        unchanged, skipped_at = None, []
-        half = slice(rank * 2, rank * 2 + 2)
-        for i in guard.steps(STEPS):
-            tok = batch(i)[half]
-            _, loss = model(tok[:, :-1], tok[:, 1:])
-            loss.backward()
-            seen = loss * 1000.0 if (rank == 1 and i == SPIKE) else loss
-            before = _local_state(model, opt) if i == SPIKE else None
-            if guard.step(seen):
-                skipped_at.append(i)
-            if before is not None:
-                unchanged = all(torch.equal(a, b) for a, b in zip(before, _local_state(model, opt)))
-        guard.flush()
-        torch.save({"refused": refused, "skipped_at": skipped_at, "unchanged": unchanged,
-                    "events": [(e.kind, e.step) for e in guard.events], "stats": guard.stats},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(_skip_scenario(rank), os.path.join(out_dir, f"skip{rank}.pt"))
+        torch.save(_rollback_scenario(rank, out_dir), os.path.join(out_dir, f"rollback{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_fsdp2_ranks_decide_together_and_rollback_is_refused(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path_factory.mktemp("fsdp_guard")
+    mp.spawn(_worker, args=(str(out),), nprocs=WORLD, join=True)
+    return {kind: [torch.load(out / f"{kind}{r}.pt", weights_only=False) for r in range(WORLD)]
+            for kind in ("skip", "rollback")}
+
+
+def _skip_scenario(rank: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = TinyGPT(CFG)
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = Guard(model, opt, policy="skip", warmup=8)
+    unchanged, skipped_at = None, []
+    half = slice(rank * 2, rank * 2 + 2)
+    for i in guard.steps(STEPS):
+        tok = batch(i)[half]
+        _, loss = model(tok[:, :-1], tok[:, 1:])
+        loss.backward()
+        seen = loss * 1000.0 if (rank == 1 and i == SPIKE) else loss
+        before = _local_state(model, opt) if i == SPIKE else None
+        if guard.step(seen):
+            skipped_at.append(i)
+        if before is not None:
+            unchanged = all(torch.equal(a, b) for a, b in zip(before, _local_state(model, opt)))
+    guard.flush()
+    return {"skipped_at": skipped_at, "unchanged": unchanged,
+            "events": [(e.kind, e.step) for e in guard.events], "stats": guard.stats}
+
+
+def test_fsdp2_ranks_decide_together(results):
+    r0, r1 = results["skip"]
     for r in (r0, r1):
-        assert "rollback" in r["refused"] and "policy='skip'" in r["refused"]
         assert r["skipped_at"] == [SPIKE]  # rank 0 saw no spike, yet skipped with rank 1
         assert r["unchanged"]  # its shards and AdamW state did not move
     assert r0["events"] == r1["events"] == [("guard_skip", SPIKE)]
     assert r0["stats"] == r1["stats"]
+
+
+# --- rollback through torch.distributed.checkpoint -----------------------------------------------
+RB_STEPS = 28
+RB_SPIKE = (14, 15, 16)  # data indices whose loss rank 1's Guard sees x1000
+RB_CFG = dict(policy="rollback", warmup=6, window=16, interval=4, ring_size=4, rewind=2, skip_ahead=2,
+              max_consecutive_skips=3, disk_interval=8, disk_keep=2, sync_every=1)
+
+
+def _full_state(model, opt):
+    """This rank's shards and optimizer state, including AdamW's step counters (plain tensors)."""
+    params = [p.detach().to_local().clone() for p in model.parameters()]
+    state = [(v.to_local() if hasattr(v, "to_local") else v).clone() for s in opt.state.values() for v in s.values()]
+    return params + state
+
+
+def _sharded_model():
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = TinyGPT(CFG)
+    unsharded = copy.deepcopy(model)
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    return model, unsharded
+
+
+def _guarded_run(model, opt, guard, half, rank, *, stop=RB_STEPS):
+    losses, at12, after_rollback = {}, None, None
+    for i in guard.steps(stop):
+        t = guard.step_count
+        if t == 12:
+            if at12 is None:
+                at12 = _full_state(model, opt)
+            elif after_rollback is None:
+                after_rollback = all(torch.equal(a, b) for a, b in zip(at12, _full_state(model, opt)))
+        tok = batch(i)[half]
+        _, loss = model(tok[:, :-1], tok[:, 1:])
+        loss.backward()
+        seen = loss * 1000.0 if (rank == 1 and i in RB_SPIKE) else loss
+        guard.step(seen)
+        losses[t] = (i, loss.item())  # a rolled-back step is overwritten by its replay
+    return losses, after_rollback
+
+
+def _plain_run(model, tokens_of, ranges, steps=RB_STEPS):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    out = {}
+    for t in range(steps):
+        i = data_index(t, ranges)
+        tok = tokens_of(i)
+        _, loss = model(tok[:, :-1], tok[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out[t] = (i, loss.item())
+    return out
+
+
+def _rollback_scenario(rank: int, out_dir: str) -> dict:
+    half = slice(rank * 2, rank * 2 + 2)
+    ckpt = os.path.join(out_dir, "guard")
+    model, unsharded = _sharded_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = Guard(model, opt, ckpt_dir=ckpt, **RB_CFG)
+    losses, after_rollback = _guarded_run(model, opt, guard, half, rank)
+    guard.close()
+    ranges = guard.skipped_ranges
+    files = sorted(os.listdir(ckpt))
+
+    # the same FSDP2 model, no Guard, on the schedule that never saw the skipped batches
+    fresh, _ = _sharded_model()
+    never_saw = _plain_run(fresh, lambda i: batch(i)[half], ranges)
+    # unsharded, one process, full batch (each rank computes it; rank 0's is used)
+    reference = _plain_run(unsharded, batch, ranges)
+
+    # disk: a new model and Guard resume from the newest snapshot directory and finish the run
+    again, _ = _sharded_model()
+    opt2 = torch.optim.AdamW(again.parameters(), lr=1e-2)
+    guard2 = Guard(again, opt2, ckpt_dir=ckpt, **RB_CFG)
+    resumed_at = guard2.resume()
+    resumed, _ = _guarded_run(again, opt2, guard2, half, rank)
+    guard2.close()
+    return {"losses": losses, "after_rollback": after_rollback, "ranges": ranges, "files": files,
+            "events": [(e.kind, e.step) for e in guard.events], "rollbacks": guard.rollbacks,
+            "never_saw": never_saw, "reference": reference, "resumed_at": resumed_at, "resumed": resumed,
+            "resumed_ranges": guard2.skipped_ranges}
+
+
+def test_fsdp2_rollback_restores_the_sharded_state(results):
+    r0, r1 = results["rollback"]
+    # both ranks: three skips (rank 0 saw no spike), one rollback to step 12, data [12, 19) skipped
+    for r in (r0, r1):
+        assert [k for k, _ in r["events"]] == ["guard_skip"] * 3 + ["guard_rollback"], r["events"]
+        assert r["rollbacks"][0]["restored_step"] == 12 and r["ranges"] == [(12, 19)]
+        assert r["after_rollback"] is True  # shards, moments and step counters as at step 12, bitwise
+        assert r["losses"] == r["never_saw"]  # bitwise the run that never saw the skipped batches
+        assert r["resumed_at"] == 24 and r["resumed_ranges"] == r["ranges"]
+        assert r["resumed"] == {t: v for t, v in r["losses"].items() if t >= 24}  # bitwise from the DCP snapshot
+    decided = [{k: v for k, v in rb.items() if k not in ("evidence", "time")} for rb in r0["rollbacks"]]
+    assert r0["events"] == r1["events"] and decided == [{k: v for k, v in rb.items() if k not in ("evidence", "time")}
+                                                       for rb in r1["rollbacks"]]  # evidence: each rank's own loss
+    assert r0["files"] == ["guard-step000000016-e1.dcp", "guard-step000000024-e1.dcp", "guard_tracker.json"]
+    ref = r0["reference"]
+    for t in range(RB_STEPS):  # the mean of the two half-batch losses is the full-batch loss
+        (i0, a), (i1, b), (ir, c) = r0["losses"][t], r1["losses"][t], ref[t]
+        assert i0 == i1 == ir
+        assert math.isclose((a + b) / 2, c, rel_tol=1e-6), (t, (a + b) / 2, c)

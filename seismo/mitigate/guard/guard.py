@@ -56,7 +56,7 @@ from torch.amp.grad_scaler import OptState
 from seismo._wrappers import unwrap_model, unwrap_optimizer
 from seismo.errors import ConfigError
 from seismo.events import Event, EventSink
-from seismo.mitigate.guard import messages, snapshots
+from seismo.mitigate.guard import messages, sharded, snapshots
 from seismo.mitigate.guard.config import GuardConfig
 from seismo.mitigate.guard.data_ranges import data_index, merge_range
 from seismo.mitigate.guard.errors import GuardGaveUp, GuardResumeError
@@ -139,12 +139,20 @@ class Guard:
         if self.ckpt_dir is not None and self._opt_state is not self.optimizer and self.world_size > 1:
             raise ConfigError("ckpt_dir: snapshots of a ZeroRedundancyOptimizer on several ranks would hold only rank 0's "
                               "shard; use ckpt_dir=None (each rank keeps its shard in the in-memory ring)")
+        # DTensor parameters (FSDP2, tensor parallel): checkpoints through torch.distributed.checkpoint (sharded.py);
+        # every rank then writes its shards of each snapshot, synchronously, and rank 0 renames the directory
+        self._sharded = sharded.is_sharded(self.model)
         self._disk = self.ckpt_dir is not None and self.rank == 0  # False after a write failed: memory only
-        self._writer: snapshots.SnapshotWriter | None = None
+        self._writer: snapshots.SnapshotWriter | sharded.ShardedSnapshotWriter | None = None
         if self._disk:
             snapshots.prepare_dir(self.ckpt_dir)
-            if cfg.policy == "rollback" and cfg.disk_interval > 0:
+            if cfg.policy == "rollback" and cfg.disk_interval > 0 and not self._sharded:
                 self._writer = snapshots.SnapshotWriter(self.ckpt_dir, cfg.disk_keep)
+        if self._sharded and self.ckpt_dir is not None and cfg.policy == "rollback" and cfg.disk_interval > 0:
+            if self.world_size > 1:
+                dist.barrier()  # rank 0 created the directory
+            self._writer = sharded.ShardedSnapshotWriter(self.ckpt_dir, cfg.disk_keep, self.model, self._opt_state,
+                                                         self.rank, snapshots.list_snapshots)
         elif self.ckpt_dir is None and cfg.policy == "rollback":
             self._report.warn_once("memory", "seismo Guard: ckpt_dir=None: rollback checkpoints are kept in memory "
                                              "only; a restarted job cannot resume (pass ckpt_dir=... to keep them)")
@@ -394,7 +402,7 @@ class Guard:
         if weights:
             for _, _, path in sorted(self._valid_snapshots(), reverse=True):
                 try:
-                    ck = snapshots.load_snapshot(path)
+                    ck = self._load_snapshot(path)
                 except Exception as exc:  # noqa: BLE001 - any damage: fall back to an older snapshot, reported
                     unreadable.append((path, exc))
                     self._report.warn_once(f"bad:{path}", f"seismo Guard: cannot load {path} "
@@ -518,7 +526,7 @@ class Guard:
         for i, (step, ck) in enumerate(good + early):
             if not isinstance(ck, dict):
                 try:
-                    ck = snapshots.load_snapshot(ck)
+                    ck = self._load_snapshot(ck)
                 except Exception as exc:  # noqa: BLE001 - any damage: try the next one, reported
                     self._report.warn_once(f"bad:{ck}", f"seismo Guard: cannot load {ck} "
                                                         f"({snapshots.load_error_text(exc)}); trying another checkpoint")
@@ -556,17 +564,15 @@ class Guard:
         self._stats["skipped_batches"] = sum(b - a for a, b in self._ranges)
         self._write_tracker()
         self._check_disk()
-        if self._disk and self._writer is not None:
-            for s, _, p in snapshots.list_snapshots(self.ckpt_dir):
+        if self._writer is not None and (self._disk or self._sharded):
+            for s, _, p in snapshots.list_snapshots(self.ckpt_dir) if self._disk else ():
                 if s > r:  # from the discarded trajectory
                     try:
-                        p.unlink()
-                    except FileNotFoundError:
-                        pass  # already pruned; a snapshot that cannot be removed stays invalid by its epoch
+                        sharded.remove(p)
                     except OSError as exc:
                         logger.debug("seismo Guard: could not delete %s (%r); it is invalid by its epoch", p, exc)
             if not any(s == r for s, _, _ in self._valid_snapshots()):
-                self._writer.submit(snapshots.snapshot_path(self.ckpt_dir, r, len(self._rollbacks)), ck)
+                self._writer.submit(self._snapshot_path(r, len(self._rollbacks)), ck)
         self._report.emit([messages.rollback_event(t, ep, record)])
 
     def _give_up(self, t: int, d: int, row: list[float], ep: dict, why: str) -> None:
@@ -595,15 +601,30 @@ class Guard:
             return
         if self._ring and self._ring[-1]["step"] == t:
             return
-        payload = snapshots.capture(t, len(self._rollbacks), self.model, self._opt_state, self.stateful, self._window)
+        capture = sharded.capture if self._sharded else snapshots.capture
+        payload = capture(t, len(self._rollbacks), self.model, self._opt_state, self.stateful, self._window)
         self._ring.append(payload)
         self._stats["checkpoints"] += 1
-        if self._disk and self._writer is not None and cfg.disk_interval and t % cfg.disk_interval == 0:
-            self._writer.submit(snapshots.snapshot_path(self.ckpt_dir, t, len(self._rollbacks)), payload)
+        if (self._disk or self._sharded) and self._writer is not None and cfg.disk_interval and t % cfg.disk_interval == 0:
+            self._writer.submit(self._snapshot_path(t, len(self._rollbacks)), payload)
+
+    def _snapshot_path(self, step: int, epoch: int) -> Path:
+        return snapshots.snapshot_path(self.ckpt_dir, step, epoch, sharded=self._sharded)
+
+    def _load_snapshot(self, path: Path) -> dict:
+        """A snapshot from disk: a ``.pt`` file, or (sharded model) a DCP directory, loaded by every rank."""
+        if self._sharded:
+            if path.suffix != sharded.DCP_SUFFIX:
+                raise ValueError(f"{path.name} is a snapshot of an unsharded model; this model is sharded")
+            return sharded.load_dir(path, self.model, self._opt_state, self.rank)
+        if path.is_dir():
+            raise ValueError(f"{path.name} is a snapshot of a sharded model; this model is not sharded")
+        return snapshots.load_snapshot(path)
 
     def _restore(self, ck: Mapping) -> None:
-        self._step = snapshots.restore(ck, self.model, self._opt_state, self.stateful, self._window,
-                                       restore_rng=self.config.restore_rng, warn=self._report.warn_once)
+        restore = sharded.restore if ck.get("sharded") else snapshots.restore
+        self._step = restore(ck, self.model, self._opt_state, self.stateful, self._window,
+                             restore_rng=self.config.restore_rng, warn=self._report.warn_once)
         self.optimizer.zero_grad(set_to_none=True)
         self._pending = []
         self._episode = None
@@ -679,6 +700,6 @@ def _check_wrappers(model: object, optimizer: object, cfg: GuardConfig) -> None:
     if getattr(optimizer, "scaler", None) is not None:
         raise ConfigError(f"optimizer: {type(optimizer).__name__} steps through a GradScaler (fp16); the Guard steps the "
                           "inner optimizer and cannot unscale: train in bf16, or unscale and use the Guard's skip yourself")
-    if cfg.policy == "rollback" and any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule") for c in type(model).__mro__):
-        raise ConfigError(f"model: rollback checkpoints of a sharded {type(model).__name__} model are not supported; "
-                          "use policy='skip'")
+    if cfg.policy == "rollback" and any(c.__name__ == "FullyShardedDataParallel" for c in type(model).__mro__):
+        raise ConfigError(f"model: rollback checkpoints of an FSDP1 {type(model).__name__} model are not supported; "
+                          "use FSDP2 (fully_shard) or policy='skip'")

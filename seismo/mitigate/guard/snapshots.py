@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import re
+import shutil
 import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -37,7 +38,7 @@ TRACKER_NAME = "guard_tracker.json"
 TRACKER_FORMAT = "seismo.guard.tracker/1"
 CKPT_FORMAT = "seismo.guard.checkpoint/1"
 UNREADABLE_SUFFIX = ".unreadable"
-_SNAPSHOT_RE = re.compile(r"^guard-step(\d+)-e(\d+)\.pt$")
+_SNAPSHOT_RE = re.compile(r"^guard-step(\d+)-e(\d+)\.(?:pt|dcp)$")  # .dcp: a sharded model's DCP directory
 
 
 # --- in-memory copies ------------------------------------------------------------------------------
@@ -123,8 +124,9 @@ def prepare_dir(directory: Path) -> None:
                           "pass a writable directory, or ckpt_dir=None for in-memory checkpoints only") from None
 
 
-def snapshot_path(directory: Path, step: int, epoch: int) -> Path:
-    return directory / f"guard-step{step:09d}-e{epoch}.pt"
+def snapshot_path(directory: Path, step: int, epoch: int, *, sharded: bool = False) -> Path:
+    """A snapshot's path: a ``.pt`` file, or a ``.dcp`` directory for a sharded model."""
+    return directory / f"guard-step{step:09d}-e{epoch}.{'dcp' if sharded else 'pt'}"
 
 
 def list_snapshots(directory: Path) -> list[tuple[int, int, Path]]:
@@ -164,11 +166,15 @@ def set_aside(path: Path) -> Path:
 
 
 def remove_temporary_files(directory: Path) -> None:
-    """Delete the temporary files of a writer that was killed mid-write."""
+    """Delete the temporary files (and DCP directories) of a writer that was killed mid-write."""
     for name in os.listdir(directory):
         if name.startswith(".guard") and name.endswith(".tmp"):
+            path = directory / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                continue
             try:
-                (directory / name).unlink()
+                path.unlink()
             except FileNotFoundError:
                 pass  # another rank removed it first
 
