@@ -12,6 +12,9 @@ blocks quotes no measured number. So the doc cannot drift from the data:
                                                          # store -> docs/reproductions/qk_layernorm/trials.json
     python bench/check_reproductions.py --run runs/seismo.sqlite warmup --quick
                                                          # run a preset over 3 seeds, seed by seed, then export
+    python bench/check_reproductions.py --export runs/seismo.sqlite qk_clip --reuse qk_layernorm
+                                                         # the arms run in the store + the other preset's
+                                                         # stored trials of the arms it shares (same configs)
 
 Measures: :mod:`seismo.proxy.measures` (Wortsman et al. 2023, arXiv 2309.14322).
 """
@@ -71,6 +74,51 @@ def export(store_paths: str, preset: str, quick: bool) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = dict(preset=preset, sweep=sweep.name, quick=quick, seismo_commit=commit, torch_threads_per_trial=1,
                overrides=sweep.overrides, interventions=sweep.interventions, sizes=sweep.sizes, lrs=sweep.lrs,
+               trials=trials)
+    out.write_text(json.dumps(doc, indent=1, sort_keys=False, default=_json_default) + "\n")
+    return out
+
+
+def export_reusing(store_paths: str, preset: str, quick: bool, source: str) -> Path:
+    """Like :func:`export`, but the arms ``preset`` shares with the stored preset ``source`` (e.g.
+    qk_clip's baseline and qk_norm, from qk_layernorm) come from ``source``'s trials.json, at the
+    sizes where the store holds ``preset``'s other arms. Refused unless each reused trial's config
+    is identical under both presets at this revision (same trial key). Trials of the shared arms
+    found in the store are re-runs of reused ones at this revision: they are kept, next to the
+    stored values, as ``reuse_check``."""
+    from seismo.proxy.sweep import expand, load_sweep_results
+    from seismo.proxy.sweep_presets import get_sweep_preset
+
+    sweep, src_sweep = get_sweep_preset(preset, quick), get_sweep_preset(source, quick)
+    src = json.loads((DATA / source / "trials.json").read_text())
+    shared = [iv for iv in src["interventions"] if iv in sweep.interventions]
+    keys = {(t.intervention, t.size, t.lr, t.seed): t.key for t in expand(sweep)}
+    src_keys = {(t.intervention, t.size, t.lr, t.seed): t.key for t in expand(src_sweep)}
+    rows = [r for path in store_paths.split(",") for r in sorted(load_sweep_results(path, sweep.name), key=lambda r: r["run_id"])]
+    new = {(r["intervention"], r["size"], float(r["lr"]), int(r["seed"])): {k: r.get(k) for k in FIELDS}
+           for r in rows if r["intervention"] not in shared}
+    sizes = sorted({c[1] for c in new}, key=_size_key)
+    reused = [r for r in src["trials"] if r["intervention"] in shared and r["size"] in sizes]
+    for r in reused:
+        cell = (r["intervention"], r["size"], float(r["lr"]), int(r["seed"]))
+        if keys.get(cell) is None or keys[cell] != src_keys.get(cell):
+            raise SystemExit(f"check_reproductions: {source}'s trial {cell} is not {preset}'s config; cannot reuse it")
+    stored = {(r["intervention"], r["size"], float(r["lr"]), int(r["seed"])): r for r in reused}
+    check = []
+    for r in rows:
+        cell = (r["intervention"], r["size"], float(r["lr"]), int(r["seed"]))
+        if r["intervention"] in shared and cell in stored:
+            check.append(dict(intervention=cell[0], size=cell[1], lr=cell[2], seed=cell[3],
+                              **{f"{w}_{k}": x.get(k) for w, x in (("stored", stored[cell]), ("rerun", r))
+                                 for k in ("final_val_loss", "final_train_loss", "max_attn_logit")}))
+    trials = sorted(list(new.values()) + reused, key=lambda r: (r["intervention"], _size_key(r["size"]), r["lr"], r["seed"]))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    out = DATA / preset / "trials.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = dict(preset=preset, sweep=sweep.name, quick=quick, seismo_commit=commit, torch_threads_per_trial=1,
+               overrides=sweep.overrides, interventions=sweep.interventions, sizes=sweep.sizes, lrs=sweep.lrs,
+               reused=dict(source=source, seismo_commit=src["seismo_commit"], interventions=shared, sizes=sizes),
+               reuse_check=sorted(check, key=lambda c: (c["intervention"], _size_key(c["size"]), c["lr"], c["seed"])),
                trials=trials)
     out.write_text(json.dumps(doc, indent=1, sort_keys=False, default=_json_default) + "\n")
     return out
@@ -317,6 +365,59 @@ def block_qk_layernorm(d: dict) -> list[str]:
     return out
 
 
+QK_CLIP_BOUND = 2.0  # "near tau": a trial's max attention logit at most this many times tau
+
+
+def block_qk_clip(d: dict) -> list[str]:
+    """QK-Clip next to the baseline and qk-layernorm (whose trials may be reused from qk_layernorm)."""
+    rows = d["trials"]
+    tau = float(next(o.split("=")[1] for o in d["interventions"]["qk_clip"] if o.startswith("qk_clip=")))
+    out = header_lines(d)
+    reused = d.get("reused")
+    if reused:
+        n = sum(r["intervention"] in reused["interventions"] for r in rows)
+        out += [f"The {n} trials of {', '.join(f'`{iv}`' for iv in reused['interventions'])} are `{reused['source']}`'s "
+                f"(run at seismo {reused['seismo_commit']}; [trials.json](reproductions/{reused['source']}/trials.json)): "
+                "the same configs, so the same trial keys; only `qk_clip`'s trials were run for this block.", ""]
+        chk = d.get("reuse_check") or []
+        if chk:
+            same = sum(c["stored_final_val_loss"] == c["rerun_final_val_loss"] and c["stored_max_attn_logit"] == c["rerun_max_attn_logit"]
+                       for c in chk)
+            worst = max(abs(c["rerun_final_val_loss"] - c["stored_final_val_loss"]) for c in chk)
+            cells = sorted({(c["intervention"], c["size"], c["seed"]) for c in chk})
+            out += [f"Re-run at seismo {d['seismo_commit']}: {len(chk)} of the reused trials ("
+                    + ", ".join(f"`{iv}` `{s}` seed {k}" for iv, s, k in cells) + f", LRs {', '.join(lr_str(c['lr']) for c in chk)}); "
+                    f"{same} of {len(chk)} give the stored final validation loss and max attention logit bit for bit "
+                    f"(largest difference in validation loss {worst:.2g}).", ""]
+    top = max(float(r["lr"]) for r in rows)
+    t, m = sensitivity_table(d, "baseline", top_lr_column(d, "max_attn_logit"), [f"max attention logit at LR {lr_str(top)}"])
+    out += t + [""]
+    v, lines = lowers_verdict(m, "baseline", "qk_clip")
+    out += [f"**`qk_clip` lowers LR sensitivity: {v}.** " + "; ".join(lines) + ".", ""]
+    v, lines = lowers_verdict(m, "qk_clip", "qk_norm")
+    out += [f"**qk-layernorm has a lower LR sensitivity than QK-Clip: {v}.** " + "; ".join(lines) + ".", ""]
+    # the max attention logit per LR
+    logit = cell_spread(rows, "max_attn_logit")
+    sizes = sorted({r["size"] for r in rows if r["intervention"] == "qk_clip"}, key=_size_key)
+    lrs = sorted({float(r["lr"]) for r in rows})
+    arms = [iv for iv in ("baseline", "qk_norm", "qk_clip") if any(r["intervention"] == iv for r in rows)]
+    body = [[iv, s] + [spread(logit[(iv, s, lr)], f=num) if (iv, s, lr) in logit else "n/a" for lr in lrs] for s in sizes for iv in arms]
+    out += ["Max attention logit of each trial (the largest |logit| the monitor recorded over the run), mean ± std "
+            "[min, max] over seeds:", ""]
+    out += table(["intervention", "size"] + [f"LR {lr_str(lr)}" for lr in lrs], body) + [""]
+    clip = [r for r in rows if r["intervention"] == "qk_clip"]
+    within = sum(float(r["max_attn_logit"]) <= QK_CLIP_BOUND * tau for r in clip)
+    below_base = all(separation(logit[("qk_clip", s, top)], logit[("baseline", s, top)]) == "lower" for s in sizes)
+    v = "agrees" if within == len(clip) else "partly" if below_base else "does not"
+    worst = max(clip, key=lambda r: float(r["max_attn_logit"]))
+    out.append(f"**QK-Clip keeps the max attention logit near tau = {num(tau)}: {v}.** {within} of {len(clip)} QK-Clip trials "
+               f"stay at or below {num(QK_CLIP_BOUND * tau)}; the largest is {num(float(worst['max_attn_logit']))} (`{worst['size']}`, "
+               f"LR {lr_str(float(worst['lr']))}, seed {worst['seed']}). Rule: every trial at or below {QK_CLIP_BOUND:g} tau: "
+               f"*agrees*; else, if at LR {lr_str(top)} every QK-Clip seed is below every baseline seed at each size: *partly*; "
+               "else *does not*.")
+    return out
+
+
 def block_sensitivity_claim(control: str, arm: str, extra_field: str | None = None, extra_label: str = "",
                             f: Callable[[float], str] = num) -> Callable[[dict], list[str]]:
     def block(d: dict) -> list[str]:
@@ -491,6 +592,7 @@ def block_spam(d: dict) -> list[str]:
 
 BLOCKS: dict[str, Callable[[dict], list[str]]] = {
     "qk_layernorm": block_qk_layernorm,
+    "qk_clip": block_qk_clip,
     "z_loss": block_z_loss,
     "warmup": block_sensitivity_claim("warmup_short", "warmup_long"),
     "independent_wd": block_sensitivity_claim("coupled", "independent"),
@@ -560,12 +662,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", nargs=2, metavar=("STORE", "PRESET"),
                     help="run PRESET over 3 seeds into STORE (resumable), then export it")
     ap.add_argument("--quick", action="store_true", help="with --export / --run: the preset's quick variant")
+    ap.add_argument("--reuse", metavar="PRESET", help="with --export: take the arms PRESET shares from its stored trials.json")
     ap.add_argument("--workers", type=int, default=2, help="with --run: parallel trials (default 2)")
     args = ap.parse_args(argv)
     if args.run:
         print(run(args.run[1], args.quick, args.run[0], args.workers))
         return 0
     if args.export:
+        if args.reuse:
+            print(export_reusing(args.export[0], args.export[1], args.quick, args.reuse))
+            return 0
         print(export(args.export[0], args.export[1], args.quick))
         return 0
     if args.write:

@@ -37,7 +37,8 @@ RESUMABLE_CHANGES = frozenset({"run_name", "out_dir", "store", "stop_at", "check
 _MAX_NAMED = 3
 # Fields added after checkpoints were first written, with the value older runs had implicitly: a
 # checkpoint whose saved config lacks one is compared as if it had that value (still resumable).
-ADDED_FIELDS: dict[str, Any] = {"spikes.poison_steps": [], "spikes.lr_burst_steps": [], "spikes.lr_burst_factor": 50.0}
+ADDED_FIELDS: dict[str, Any] = {"spikes.poison_steps": [], "spikes.lr_burst_steps": [], "spikes.lr_burst_factor": 50.0,
+                                "qk_clip": 0.0}
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -33,7 +33,7 @@ import torch
 
 from seismo.proxy.model import ConfigError
 from seismo.proxy.sweep import SweepConfig, expand, load_sweep_file, load_sweep_results, run_sweep
-from seismo.proxy.sweep_presets import SIZES
+from seismo.proxy.sweep_presets import SIZES, get_sweep_preset
 from seismo.store import RunStore
 
 # A training run of a fraction of a second: the quick presets' settings, smaller.
@@ -191,6 +191,24 @@ def test_the_docs_example_sweep_file_and_preset_are_valid(tmp_path):
     scope: dict = {"expand": expand}
     exec(code, scope)
     assert len(scope["expanded"]) == 12
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_qk_clip_preset_is_qk_layernorms_grid_plus_one_arm(quick):
+    """``qk_clip``'s baseline and qk_norm trials are ``qk_layernorm``'s, config for config (the same
+    trial keys: docs/REPRODUCTIONS.md reuses the stored ones); its qk_clip arm is the baseline's
+    config with ``qk_clip = 100`` (Kimi K2's tau) and nothing else changed."""
+    clip, ln = expand(get_sweep_preset("qk_clip", quick)), expand(get_sweep_preset("qk_layernorm", quick))
+    cell = lambda t: (t.intervention, t.size, t.lr, t.seed)  # noqa: E731
+    ln_keys = {cell(t): t.key for t in ln}
+    shared = [t for t in clip if t.intervention in ("baseline", "qk_norm")]
+    assert len(shared) == len(ln) and all(ln_keys[cell(t)] == t.key for t in shared)
+    base = {(t.size, t.lr, t.seed): t.config for t in clip if t.intervention == "baseline"}
+    arm = [t for t in clip if t.intervention == "qk_clip"]
+    assert len(arm) == len(base)
+    for t in arm:
+        ref = dict(base[(t.size, t.lr, t.seed)], qk_clip=100.0, run_name=t.config["run_name"])
+        assert t.config == ref and base[(t.size, t.lr, t.seed)]["qk_clip"] == 0.0
 
 
 def test_missing_sweep_file(tmp_path):

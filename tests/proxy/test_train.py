@@ -444,6 +444,10 @@ def test_unknown_preset_names_the_field():
         (lambda c: setattr(c, "z_loss", -1.0), "z_loss"),
         (lambda c: setattr(c, "batch_size", 0), "batch_size"),
         (lambda c: setattr(c.model, "n_embd", 30), "model.n_embd"),
+        (lambda c: setattr(c, "qk_clip", -1.0), "qk_clip"),
+        (lambda c: (setattr(c, "qk_clip", 100.0), setattr(c.model, "qk_norm", True)), "qk_clip"),
+        (lambda c: (setattr(c, "qk_clip", 100.0), setattr(c.model, "attention", "cosine")), "qk_clip"),
+        (lambda c: (setattr(c, "qk_clip", 100.0), setattr(c.model, "sigma_reparam", True)), "qk_clip"),
     ],
 )
 def test_train_config_errors_name_the_field(mutate, field):
@@ -451,3 +455,116 @@ def test_train_config_errors_name_the_field(mutate, field):
     mutate(cfg)
     with pytest.raises(ConfigError, match=f"^{field}:"):
         cfg.validate()
+
+
+# --------------------------------------------------------------------------------------
+# QK-Clip (Kimi K2, arXiv 2507.20534, section 2.1) after each optimizer step
+# --------------------------------------------------------------------------------------
+def reference_head_max_logits(model: TinyGPT, x: torch.Tensor) -> list[list[float]]:
+    """Slow reference, in float64 from the weights: per layer and head, max over the batch and the
+    causal positions j <= i of (W_q a_i + b_q) . (W_k a_j + b_k) / sqrt(head_dim), where a is the
+    attention's input (captured by a hook; the attention's own logits are not used)."""
+    inputs: dict[int, torch.Tensor] = {}
+    blocks = list(model.transformer.h)
+    hooks = [b.attn.register_forward_hook(lambda m, a, o, i=i: inputs.__setitem__(i, a[0].detach())) for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    out = []
+    for i, blk in enumerate(blocks):
+        w, bias, nh = blk.attn.c_attn.weight.detach().double(), blk.attn.c_attn.bias.detach().double(), blk.attn.n_head
+        c = w.shape[1]
+        hd = c // nh
+        a = inputs[i].double()
+        t = a.shape[1]
+        future = torch.ones(t, t, dtype=torch.bool).triu(1)
+        row = []
+        for h in range(nh):
+            q = a @ w[h * hd:(h + 1) * hd].T + bias[h * hd:(h + 1) * hd]
+            k = a @ w[c + h * hd:c + (h + 1) * hd].T + bias[c + h * hd:c + (h + 1) * hd]
+            s = (q @ k.transpose(-1, -2) / math.sqrt(hd)).masked_fill(future, -math.inf)
+            row.append(float(s.amax()))
+        out.append(row)
+    return out
+
+
+def _train_keeping_model(cfg: TrainConfig, monkeypatch) -> tuple:
+    made = []
+
+    class Kept(TinyGPT):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(train_mod, "TinyGPT", Kept)
+    r = train(cfg)
+    ds = load_dataset(cfg.data)
+    x, _ = ds.batch("train", cfg.seed, cfg.steps - 1, cfg.batch_size, cfg.model.block_size, "cpu")
+    return r, reference_head_max_logits(made[-1], x)
+
+
+@pytest.mark.parametrize("monitor", ["none", "default"])
+def test_qk_clip_bounds_every_heads_max_logit_on_the_training_batch(corpus, monkeypatch, monitor):
+    """At LR 0.1 the baseline's heads reach logits > 3 tau; with qk_clip = tau every head of the
+    final weights has a max logit <= 1.05 tau on the last training batch (all 8 sequences: with
+    the monitor on, which reads only 2, QK-Clip must still see the whole batch). Not exactly tau:
+    the clip rescales the weights after the optimizer step by the logits before it."""
+    tau = 30.0
+    cfg = small_cfg(corpus, steps=60, monitor=monitor)
+    cfg.optim.lr = 0.1
+    base, base_logits = _train_keeping_model(cfg, monkeypatch)
+    cfg.qk_clip = tau
+    clipped, logits = _train_keeping_model(cfg, monkeypatch)
+    assert base.status == clipped.status == "completed"
+    assert max(max(row) for row in base_logits) > 3 * tau
+    assert all(v <= 1.05 * tau for row in logits for v in row), logits
+    assert max(max(row) for row in logits) > 0.8 * tau  # clipped to tau, not far below it
+    assert not np.array_equal(base.train_loss, clipped.train_loss)
+
+
+def test_qk_clip_off_or_never_firing_is_bitwise_neutral(corpus):
+    """qk_clip = 0 is the golden run; a tau no logit reaches attaches QK-Clip to the taps (every
+    forward then emits logits) and multiplies W_q, W_k by exactly 1.0: the same losses, bitwise."""
+    off = train(small_cfg(corpus, monitor="default"))
+    never = train(small_cfg(corpus, monitor="default", qk_clip=1e6))
+    np.testing.assert_allclose(off.train_loss, GOLDEN, rtol=1e-4)
+    assert np.array_equal(off.train_loss, never.train_loss)
+    assert off.final_val_loss == never.final_val_loss
+
+
+def test_qk_clip_reads_the_whole_batch_of_the_step_with_the_monitor_attached(corpus, monkeypatch):
+    """The per-head maxima QK-Clip acts on at step 0 are those of all 8 sequences of the step-0
+    batch under the initial weights (the reference recomputes them from a model built with the same
+    seed), not of the 2 the monitor's attention probe reads."""
+    seen = []
+    real = train_mod.qk_clipper
+
+    def spy(model, tau):
+        clip = real(model, tau)
+
+        def f():
+            seen.append({k: v.clone() for k, v in clip.__self__.max_logits.items()})
+            return clip()
+        return f
+
+    monkeypatch.setattr(train_mod, "qk_clipper", spy)
+    cfg = small_cfg(corpus, steps=3, monitor="default", qk_clip=100.0)
+    train(cfg)
+    torch.manual_seed(cfg.seed)
+    model = TinyGPT(cfg.model)
+    x, _ = load_dataset(cfg.data).batch("train", cfg.seed, 0, cfg.batch_size, cfg.model.block_size, "cpu")
+    full, first2 = reference_head_max_logits(model, x), reference_head_max_logits(model, x[:2])
+    got = [seen[0][f"transformer.h.{i}.attn"].tolist() for i in range(cfg.model.n_layer)]
+    np.testing.assert_allclose(got, full, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(full, first2, rtol=1e-3)  # the test could tell the two apart
+
+
+def test_a_checkpoint_from_before_qk_clip_existed_still_resumes_unless_qk_clip_is_on():
+    """A config saved before the field existed has no ``qk_clip``: it meant 0 (off)."""
+    from seismo.proxy.checkpoint import config_differences
+
+    saved = TrainConfig().to_dict()
+    del saved["qk_clip"]
+    assert config_differences(saved, TrainConfig().to_dict()) == []
+    assert config_differences(saved, TrainConfig(qk_clip=100.0).to_dict()) == [("qk_clip", 0.0, 100.0)]
