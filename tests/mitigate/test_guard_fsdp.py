@@ -13,6 +13,10 @@ trained without a Guard on the data schedule that never saw the skipped batches 
 and, within 1e-6 relative (measured: 1.1e-7), the losses of an unsharded single-process run of that schedule on the
 full batch. Disk: a second FSDP2 model and Guard resume from the newest DCP snapshot directory
 (written by both ranks, renamed by rank 0) and must repeat the first run's last losses bitwise.
+
+Tensor parallel (``parallelize_module`` with ``ColwiseParallel`` / ``RowwiseParallel`` on a 2-layer
+MLP, parameters sharded on dim 0, dim 1, or replicated): the same spike and rollback; both ranks
+decide alike, and the losses equal an unsharded run that never saw the skipped batches (rel 1e-6).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ def _worker(rank: int, out_dir: str) -> None:
     try:
         torch.save(_skip_scenario(rank), os.path.join(out_dir, f"skip{rank}.pt"))
         torch.save(_rollback_scenario(rank, out_dir), os.path.join(out_dir, f"rollback{rank}.pt"))
+        torch.save(_tensor_parallel_scenario(rank), os.path.join(out_dir, f"tp{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -68,7 +73,7 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_guard")
     mp.spawn(_worker, args=(str(out),), nprocs=WORLD, join=True)
     return {kind: [torch.load(out / f"{kind}{r}.pt", weights_only=False) for r in range(WORLD)]
-            for kind in ("skip", "rollback")}
+            for kind in ("skip", "rollback", "tp")}
 
 
 def _skip_scenario(rank: int) -> dict:
@@ -214,3 +219,62 @@ def test_fsdp2_rollback_restores_the_sharded_state(results):
         (i0, a), (i1, b), (ir, c) = r0["losses"][t], r1["losses"][t], ref[t]
         assert i0 == i1 == ir
         assert math.isclose((a + b) / 2, c, rel_tol=1e-6), (t, (a + b) / 2, c)
+
+
+# --- tensor parallel ------------------------------------------------------------------------------
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def _regression(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+
+
+def _tensor_parallel_scenario(rank: int) -> dict:
+    from torch.distributed.tensor import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    model = _MLP()
+    unsharded = copy.deepcopy(model)
+    parallelize_module(model, init_device_mesh("cpu", (WORLD,)), {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    placements = sorted({str(p.placements) for p in model.parameters()})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = Guard(model, opt, **RB_CFG)
+    losses = {}
+    for i in guard.steps(24):
+        x, y = _regression(i)  # every rank sees the whole batch (tensor parallel)
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        t = guard.step_count
+        guard.step(loss * 1000.0 if (rank == 1 and i in RB_SPIKE) else loss)
+        losses[t] = (i, loss.item())
+    guard.close()
+    opt = torch.optim.AdamW(unsharded.parameters(), lr=1e-2)
+    reference = {}
+    for t in range(24):
+        i = data_index(t, guard.skipped_ranges)
+        x, y = _regression(i)
+        loss = (unsharded(x) - y).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        reference[t] = (i, loss.item())
+    return {"placements": placements, "events": [(e.kind, e.step) for e in guard.events],
+            "ranges": guard.skipped_ranges, "losses": losses, "reference": reference}
+
+
+def test_tensor_parallel_rollback(results):
+    r0, r1 = results["tp"]
+    assert r0["placements"] == ["(Replicate(),)", "(Shard(dim=0),)", "(Shard(dim=1),)"]
+    assert r0["events"] == r1["events"] and [k for k, _ in r0["events"]] == ["guard_skip"] * 3 + ["guard_rollback"]
+    assert r0["ranges"] == r1["ranges"] == [(12, 19)]
+    for r in (r0, r1):
+        for t, (i, loss) in r["reference"].items():
+            assert r["losses"][t][0] == i and math.isclose(r["losses"][t][1], loss, rel_tol=1e-6), (t, r["losses"][t], loss)

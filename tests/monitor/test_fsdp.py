@@ -16,6 +16,10 @@ disabled. One exception, measured: the stale fraction of ``attn.c_attn`` may dif
 true gradient is 0 and the computed one is rounding noise (~1e-12), different for a full-batch and
 two half-batch reductions, and whether noise is "10x below its RMS" is arbitrary. Everywhere else the
 counts agree exactly.
+
+Tensor parallel: a 2-layer MLP under ``parallelize_module`` (``ColwiseParallel`` /
+``RowwiseParallel``: parameters sharded on dim 0, on dim 1, and a replicated bias) must record the
+same gradient, parameter, update and Adam signals as the unsharded MLP (rel 1e-6), on both ranks.
 """
 
 from __future__ import annotations
@@ -72,6 +76,39 @@ def train(model, tokens_of, steps: int) -> tuple[dict[str, list[float]], list[st
     return {n: vs for n, (_, vs) in mon.history.items()}, disabled
 
 
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def train_mlp(model, steps: int = STEPS) -> tuple[dict[str, list[float]], list[str]]:
+    from seismo.monitor.adam import AdamProbe
+    from seismo.monitor.adam_staleness import AdamStalenessProbe
+    from seismo.monitor.gradients import GradientProbe, UpdateProbe
+    from seismo.monitor.tracking import every
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probes = [GradientProbe(schedule=every(1)), UpdateProbe(schedule=every(1)), AdamProbe(schedule=every(1)),
+                  AdamStalenessProbe(schedule=every(1))]
+        mon = Monitor(model, opt, probes=probes, flush_every=1)
+        for step in range(steps):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+            loss = (model(x) - y).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mon.step(loss)
+        mon.close()
+    return {n: vs for n, (_, vs) in mon.history.items()}, [str(w.message) for w in caught]
+
+
 def _worker(rank: int, out_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
@@ -97,17 +134,46 @@ def _worker(rank: int, out_dir: str) -> None:
         # the Adam probes' reduction: sums over a replicated parameter counted once, a max is a max
         from seismo.monitor.adam import ShardedReduce
         sums, maxes = ShardedReduce([w])(torch.tensor([[12.0]]), torch.tensor([float(rank)]))
+
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        torch.manual_seed(0)
+        mlp = _MLP()
+        tp_reference = train_mlp(copy.deepcopy(mlp))
+        parallelize_module(mlp, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
+        tp = train_mlp(mlp)
         torch.save({"reference": reference, "sharded": sharded, "replicated_sq": replicated_sq,
-                    "replicated_reduce": (sums.item(), maxes.item())},
+                    "replicated_reduce": (sums.item(), maxes.item()), "tp_reference": tp_reference, "tp": tp,
+                    "tp_placements": sorted({str(p.placements) for p in mlp.parameters()})},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_fsdp2_norms_equal_the_unsharded_run(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path_factory.mktemp("fsdp_monitor")
+    mp.spawn(_worker, args=(str(out),), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def test_tensor_parallel_signals_equal_the_unsharded_run(results):
+    r0, r1 = results
+    ref, ref_warnings = r0["tp_reference"]
+    assert r0["tp_placements"] == ["(Replicate(),)", "(Shard(dim=0),)", "(Shard(dim=1),)"]
+    assert {"grad/norm/up", "update/ratio/down", "adam/update_rms/down", "adam/v_max", "adam/stale_frac"} <= set(ref)
+    for r in (r0, r1):
+        got, caught = r["tp"]
+        assert caught == ref_warnings == []
+        assert set(got) == set(ref)
+        for n in ref:
+            for a, b in zip(got[n], ref[n], strict=True):
+                assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12), (n, a, b)
+
+
+def test_fsdp2_norms_equal_the_unsharded_run(results):
+    r0, r1 = results
     ref, ref_disabled = r0["reference"]
     assert ref_disabled == []
     names = [n for n in ref if n.startswith(NORMS)]
