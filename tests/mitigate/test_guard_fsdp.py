@@ -14,6 +14,11 @@ and, within 1e-6 relative (measured: 1.1e-7), the losses of an unsharded single-
 full batch. Disk: a second FSDP2 model and Guard resume from the newest DCP snapshot directory
 (written by both ranks, renamed by rank 0) and must repeat the first run's last losses bitwise.
 
+Back to step 0, where AdamW has no state yet (checkpointed as its bare param groups, since
+``get_state_dict`` would initialise the state with a zero-LR step): a spike at data 7-9 with
+checkpoints every 8 steps rolls back to step 0; the run must equal the never-saw run bitwise, and a
+new model resuming from the step-0 snapshot directory must repeat the whole run bitwise.
+
 Tensor parallel (``parallelize_module`` with ``ColwiseParallel`` / ``RowwiseParallel`` on a 2-layer
 MLP, parameters sharded on dim 0, dim 1, or replicated): the same spike and rollback; both ranks
 decide alike, and the losses equal an unsharded run that never saw the skipped batches (rel 1e-6).
@@ -25,6 +30,7 @@ import copy
 import datetime
 import math
 import os
+import shutil
 import warnings
 
 import pytest
@@ -61,6 +67,7 @@ def _worker(rank: int, out_dir: str) -> None:
     try:
         torch.save(_skip_scenario(rank), os.path.join(out_dir, f"skip{rank}.pt"))
         torch.save(_rollback_scenario(rank, out_dir), os.path.join(out_dir, f"rollback{rank}.pt"))
+        torch.save(_step0_scenario(rank, out_dir), os.path.join(out_dir, f"step0{rank}.pt"))
         torch.save(_tensor_parallel_scenario(rank), os.path.join(out_dir, f"tp{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -73,7 +80,7 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_guard")
     mp.spawn(_worker, args=(str(out),), nprocs=WORLD, join=True)
     return {kind: [torch.load(out / f"{kind}{r}.pt", weights_only=False) for r in range(WORLD)]
-            for kind in ("skip", "rollback", "tp")}
+            for kind in ("skip", "rollback", "step0", "tp")}
 
 
 def _skip_scenario(rank: int) -> dict:
@@ -138,7 +145,7 @@ def _sharded_model():
     return model, unsharded
 
 
-def _guarded_run(model, opt, guard, half, rank, *, stop=RB_STEPS):
+def _guarded_run(model, opt, guard, half, rank, *, stop=RB_STEPS, spike=RB_SPIKE):
     losses, at12, after_rollback = {}, None, None
     for i in guard.steps(stop):
         t = guard.step_count
@@ -150,7 +157,7 @@ def _guarded_run(model, opt, guard, half, rank, *, stop=RB_STEPS):
         tok = batch(i)[half]
         _, loss = model(tok[:, :-1], tok[:, 1:])
         loss.backward()
-        seen = loss * 1000.0 if (rank == 1 and i in RB_SPIKE) else loss
+        seen = loss * 1000.0 if (rank == 1 and i in spike) else loss
         guard.step(seen)
         losses[t] = (i, loss.item())  # a rolled-back step is overwritten by its replay
     return losses, after_rollback
@@ -219,6 +226,42 @@ def test_fsdp2_rollback_restores_the_sharded_state(results):
         (i0, a), (i1, b), (ir, c) = r0["losses"][t], r1["losses"][t], ref[t]
         assert i0 == i1 == ir
         assert math.isclose((a + b) / 2, c, rel_tol=1e-6), (t, (a + b) / 2, c)
+
+
+def _step0_scenario(rank: int, out_dir: str) -> dict:
+    half = slice(rank * 2, rank * 2 + 2)
+    ckpt = os.path.join(out_dir, "guard0")
+    cfg = dict(RB_CFG, interval=8, disk_interval=8, warmup=4)
+    model, _ = _sharded_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = Guard(model, opt, ckpt_dir=ckpt, **cfg)
+    losses, _ = _guarded_run(model, opt, guard, half, rank, stop=12, spike=(7, 8, 9))
+    guard.close()
+    fresh, _ = _sharded_model()
+    never_saw = _plain_run(fresh, lambda i: batch(i)[half], guard.skipped_ranges, steps=12)
+    files = sorted(os.listdir(ckpt))
+    dist.barrier()
+    if rank == 0:  # leave only the step-0 snapshot (taken before AdamW had any state)
+        shutil.rmtree(os.path.join(ckpt, "guard-step000000008-e1.dcp"))
+    dist.barrier()
+    again, _ = _sharded_model()
+    opt2 = torch.optim.AdamW(again.parameters(), lr=1e-2)
+    guard2 = Guard(again, opt2, ckpt_dir=ckpt, **cfg)
+    resumed_at = guard2.resume()
+    resumed, _ = _guarded_run(again, opt2, guard2, half, rank, stop=12, spike=(7, 8, 9))
+    guard2.close()
+    return {"events": [(e.kind, e.step) for e in guard.events], "restored": [r["restored_step"] for r in guard.rollbacks],
+            "losses": losses, "never_saw": never_saw, "files": files, "resumed_at": resumed_at, "resumed": resumed}
+
+
+def test_fsdp2_rollback_to_a_step_without_optimizer_state(results):
+    r0, r1 = results["step0"]
+    assert r0["files"] == ["guard-step000000000-e0.dcp", "guard-step000000008-e1.dcp", "guard_tracker.json"]
+    for r in (r0, r1):
+        assert r["events"] == r0["events"] and [k for k, _ in r["events"]] == ["guard_skip"] * 3 + ["guard_rollback"]
+        assert r["restored"] == [0]
+        assert r["losses"] == r["never_saw"]  # bitwise: AdamW restarted with no state, as at step 0
+        assert r["resumed_at"] == 0 and r["resumed"] == r["losses"]  # from the step-0 DCP snapshot, bitwise
 
 
 # --- tensor parallel ------------------------------------------------------------------------------
