@@ -35,6 +35,9 @@ run or a run store. ``warnings`` (:class:`GuardWarning`) only for once-per-run c
 
 DDP: every rank computes its flags, the flags are all-reduced with MAX before they are applied,
 so all ranks skip together and roll back together; only rank 0 writes files and reports.
+FSDP2 / tensor parallel (DTensor parameters): the same decisions; checkpoints go through
+``torch.distributed.checkpoint`` (:mod:`seismo.mitigate.guard.sharded`), every rank keeping and
+writing its own shards. FSDP1 is refused under the rollback policy.
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ class Guard:
     Args:
         model: the model being trained; DDP, ``torch.compile`` and other wrappers are unwrapped
             (checkpoints hold the inner model's ``state_dict``, so they load with or without DDP).
+            A model with DTensor parameters (FSDP2's ``fully_shard``, tensor parallel) is
+            checkpointed through ``torch.distributed.checkpoint``, sharded (docs/GUARD.md).
         optimizer: its unchanged ``torch.optim`` optimizer, or a wrapper of one (Accelerate's
             ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``); the Guard calls the inner
             optimizer's ``step()``. ``ZeroRedundancyOptimizer`` works as it is.
