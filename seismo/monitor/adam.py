@@ -241,7 +241,9 @@ class AdamProbe(HookedProbe):
         sums = torch.stack([zeros8 if x is None else x.to(dev) for x in rows], dim=1)  # (8, P)
         maxes = torch.stack([ninf if x is None else x.to(dev) for x in vmax])
         sums, maxes = self._reduce(sums, maxes)
-        acc = torch.zeros(M, 5, device=dev).index_add_(0, self._owner.to(dev), sums[:5].T)
+        if self._owner.device != dev:
+            self._owner = self._owner.to(dev)  # once: no host-to-device copy on later tracked steps
+        acc = torch.zeros(M, 5, device=dev).index_add_(0, self._owner, sums[:5].T)
         n = acc[:, 0].clamp_min(1)
         mean = acc[:, 1] / n
         std = (acc[:, 2] / n - mean.pow(2)).clamp_min(0).sqrt()
