@@ -50,8 +50,10 @@ class ActivationProbe(HookedProbe):
 
 
     def _make_hook(self, name: str):
+        k_rms, k_max = f"act/rms/{name}", f"act/max/{name}"  # built once, not per call
+
         def hook(module, inputs, output):
-            if not self.armed or not torch.is_grad_enabled() or f"act/rms/{name}" in self.values:
+            if not self.armed or not torch.is_grad_enabled() or k_rms in self.values:
                 return
             x = extract_logits(output)
             if x is None:
@@ -60,5 +62,5 @@ class ActivationProbe(HookedProbe):
                 x = x.detach().float()
                 # max |x| = max(max x, -min x) without an |x| temporary; abs() maps -0.0 to 0.0
                 lo, hi = torch.aminmax(x)
-                self.put({f"act/rms/{name}": x.pow(2).mean().sqrt(), f"act/max/{name}": torch.maximum(hi, -lo).abs()})
+                self.put({k_rms: x.pow(2).mean().sqrt(), k_max: torch.maximum(hi, -lo).abs()})
         return hook

@@ -4,8 +4,12 @@ Signals: ``grad/norm`` (global, before any clipping), ``grad/norm/<module>``,
 ``grad/rms/<module>``, ``grad/nonfinite``; ``param/norm/<module>``, ``update/norm``,
 ``update/ratio/<module>`` (update norm / parameter norm).
 
-Gradients are read by per-parameter post-accumulate-grad hooks installed only on tracked steps,
-so they are seen before any clipping the loop applies and before ``zero_grad``. Under
+Gradients are read at the end of the backward pass of a tracked step, so they are seen before any
+clipping the loop applies and before ``zero_grad``: per-parameter post-accumulate-grad hooks,
+installed only on tracked steps, note which parameters received a gradient and queue one callback
+at the end of the backward (the autograd engine's ``queue_callback``, as FSDP2 does), which reduces
+all of them at once (``torch._foreach_powsum``: one call for every square sum instead of a few
+tensor ops per parameter in each hook). Under
 ``torch.distributed`` (world size > 1) the local gradients are not yet averaged at that point,
 so the probe reads the averaged gradients in the optimizer's pre-step hook instead.
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd import Variable
 
 try:  # torch built without distributed support has no DTensor
     from torch.distributed.tensor import DTensor
@@ -115,6 +120,34 @@ class _ShardedSums:
         return sums
 
 
+def _sums_loop(grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Per gradient: its square sum (float32 or float64) and its count of non-finite entries.
+
+    For CPU, where a foreach op is a C++ loop of per-tensor kernels (and the ord-0 norm of
+    :func:`_sums_foreach` allocates a bool temporary per tensor): this loop is as fast, and ~1.6x
+    faster for the count. A BLAS dot product per gradient (no temporary: ~1.6x faster than
+    ``pow(2).sum()``). ``x - x`` is 0 for finite x and nan for inf/nan; nan -> 1 and a sum counts
+    them: the same count as ``(~isfinite(g)).sum()``, ~6x cheaper on CPU (isfinite, bool sums and
+    count_nonzero are not vectorised there). Exact while fewer than 2**24 entries are non-finite.
+    """
+    sq, bad = [], []
+    for g in grads:
+        flat = g.reshape(-1)
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()
+        sq.append(torch.dot(flat, flat))
+        bad.append((g - g).nan_to_num_(nan=1.0).sum())
+    return sq, bad
+
+
+def _sums_foreach(grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """The same as :func:`_sums_loop` in three foreach calls for all gradients (for accelerators,
+    where each op of the loop is a kernel launch): ``x * 0`` is 0 for finite x and nan otherwise,
+    and an ord-0 norm counts the nans. Square sums agree with the loop's to float rounding."""
+    wide = [g if g.dtype in (torch.float32, torch.float64) else g.float() for g in grads]
+    return list(torch._foreach_powsum(wide, 2)), list(torch._foreach_norm(torch._foreach_mul(wide, 0.0), 0))
+
+
 class GradientProbe(HookedProbe):
     """Global and per-module gradient norms (before clipping) and the count of non-finite entries.
 
@@ -144,9 +177,10 @@ class GradientProbe(HookedProbe):
         self.max_modules = max_modules
         _RoundRobin(0, max_modules)  # validates it here, not at setup
         self._scale: Tensor | None = None  # the loss scale the gradients seen this step were made with
-        # per parameter slot: squared sum and non-finite count of the gradient seen this step
-        self._sq: list[Tensor | None] = []
-        self._bad: list[Tensor | None] = []
+        # the reductions of this step's backward passes: (slots or None for all, square sums, non-finite counts)
+        self._parts: list[tuple[list[int] | None, Tensor, Tensor]] = []
+        self._fired: list[Tensor] = []  # parameters whose gradient the running backward accumulated
+        self._queued = False
 
     def setup(self, ctx: ProbeContext) -> None:
         groups = param_modules(ctx.model)
@@ -154,14 +188,13 @@ class GradientProbe(HookedProbe):
             raise ProbeFailure("the model has no trainable parameters")
         self.modules, self.params, owner, numel = _index(groups)
         self._turn = _RoundRobin(len(self.modules), self.max_modules)
+        self._keys = [(f"grad/norm/{m}", f"grad/rms/{m}") for m in self.modules]  # built once, not per step
         self._slot = {id(p): i for i, p in enumerate(self.params)}
         dev = self.params[0].device
         self._owner, self._numel = owner.to(dev), numel.to(dev)
-        self._zero = torch.zeros((), device=dev)
-        self._sq = [None] * len(self.params)
-        self._bad = [None] * len(self.params)
         self._sharded = _ShardedSums(self.params)
-        self._hook = self.guard(self._record)  # wrapped once, registered on tracked steps
+        self._hook = self.guard(self._mark)  # wrapped once, registered on tracked steps
+        self._reduce_fired = self.guard(self._end_of_backward)
         if self.source == "auto":
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
             self.source = "optimizer" if distributed else "backward"
@@ -170,29 +203,52 @@ class GradientProbe(HookedProbe):
                 raise ProbeFailure("reading gradients at the optimizer step needs the optimizer")
             self.hooks.add(ctx.optimizer.register_step_pre_hook(self.guard(self._on_step)))
 
-    def _record(self, p: Tensor) -> None:
-        g = p.grad
-        if g is None or not self.armed:
+    def _mark(self, p: Tensor) -> None:
+        """Post-accumulate-grad hook: note ``p`` and, once per backward, queue the reduction."""
+        if not self.armed:
             return
-        g = _local(g.detach())
+        self._fired.append(p)
+        if not self._queued:
+            self._queued = True
+            Variable._execution_engine.queue_callback(self._reduce_fired)
+
+    def _end_of_backward(self) -> None:
+        self._queued = False
+        fired, self._fired = self._fired, []
+        if not fired or not self.armed:
+            return
+        if len(fired) == len(self.params):
+            self._reduce(self.params, None)
+        else:  # some parameters got no gradient in this backward: keep what an earlier one saw
+            slot = self._slot
+            idx = sorted({slot[id(p)] for p in fired})
+            self._reduce([self.params[i] for i in idx], idx)
+
+    def _reduce(self, params: list[Tensor], idx: list[int] | None) -> None:
+        """Square sums and non-finite counts of the gradients of ``params`` (slots ``idx``, None: all)."""
+        grads = [_local(p.grad.detach()) for p in params if p.grad is not None]
+        if len(grads) != len(params):  # a gradient set to None since its hook ran
+            keep = [i for i, p in enumerate(params) if p.grad is not None]
+            idx = [(idx[i] if idx is not None else i) for i in keep]
+            if not grads:
+                return
         if self._scale is None and self.scaler is not None:
             scale = getattr(self.scaler, "_scale", None)  # None until the scaler's first scale(); no host sync
             if scale is not None and self.scaler.is_enabled():
                 self._scale = scale.detach().clone()  # scaler.update() changes it in place before compute()
-        i = self._slot[id(p)]
-        flat = g.reshape(-1)
-        if flat.dtype not in (torch.float32, torch.float64):
-            flat = flat.float()
-        self._sq[i] = torch.dot(flat, flat).float()  # BLAS, no temporary: ~1.6x faster than pow(2).sum()
-        # x - x is 0 for finite x and nan for inf/nan; nan -> 1 and a sum counts them: the same count
-        # as (~isfinite(g)).sum(), ~6x cheaper on CPU (isfinite, bool sums and count_nonzero are not
-        # vectorised there). Exact while fewer than 2**24 entries are non-finite.
-        self._bad[i] = (g - g).nan_to_num_(nan=1.0).sum()
+        dev0 = grads[0].device
+        one_accelerator = dev0.type != "cpu" and all(g.device == dev0 for g in grads)
+        sq, bad = (_sums_foreach if one_accelerator else _sums_loop)(grads)
+        dev = self._owner.device
+        if any(g.device != dev for g in grads):  # a model spread over devices
+            sq, bad = [v.to(dev) for v in sq], [v.to(dev) for v in bad]
+        # stack promotes mixed dtypes (float64 -> rounded once by .float(), as per value before)
+        self._parts.append((idx, torch.stack(sq).float(), torch.stack(bad).float()))
 
     def install(self, step: int) -> None:
-        n = len(self.params)
-        self._sq = [None] * n
-        self._bad = [None] * n
+        self._parts = []
+        self._fired = []
+        self._queued = False
         self._scale = None
         if self.source == "backward" and not self.step_hooks.handles:
             hook = self._hook
@@ -200,8 +256,7 @@ class GradientProbe(HookedProbe):
 
     def _on_step(self, optimizer, args, kwargs) -> None:
         if self.armed:
-            for p in self.params:
-                self._record(p)
+            self._reduce(self.params, None)
 
     def release(self, step: int) -> None:
         # When the next step is tracked too (the Monitor arms it right after this call) the hooks
@@ -211,20 +266,25 @@ class GradientProbe(HookedProbe):
             self.step_hooks.remove()
 
     def compute(self, step: int, loss: Tensor | None) -> dict[str, Tensor]:
-        if all(v is None for v in self._sq):
+        parts, self._parts = self._parts, []
+        if not parts:
             return {}
         dev = self._owner.device
-        zero = self._zero
-
-        def vec(values: list[Tensor | None]) -> Tensor:  # one stack instead of an index_put per parameter
-            return torch.stack([zero if v is None else (v if v.device == dev else v.to(dev)) for v in values]).float()
-
-        sq, bad = self._sharded(torch.stack([vec(self._sq), vec(self._bad)])).unbind()
+        idx, sq, bad = parts[-1]
+        if idx is not None or len(parts) > 1:  # several backward passes each saw some parameters: the last one wins
+            n = len(self.params)
+            sq, bad = torch.zeros(n, device=dev), torch.zeros(n, device=dev)
+            for idx, s, b in parts:
+                if idx is None:
+                    sq, bad = s, b
+                else:
+                    i = torch.tensor(idx, device=dev)
+                    sq, bad = sq.index_copy(0, i, s), bad.index_copy(0, i, b)
+        if self._sharded.groups:
+            sq, bad = self._sharded(torch.stack([sq, bad])).unbind()
         scale, self._scale = self._scale, None
         if scale is not None and self.source == "backward":
             sq = sq / scale.to(dev).float().square()
-        self._sq = [None] * len(self.params)
-        self._bad = [None] * len(self.params)
         out = {"grad/norm": sq.sum().sqrt(), "grad/nonfinite": bad.sum()}
         if scale is not None:
             out["amp/loss_scale"] = scale.float()
@@ -232,10 +292,11 @@ class GradientProbe(HookedProbe):
             msq = torch.zeros(len(self.modules), device=dev).index_add_(0, self._owner, sq)
             norms = msq.sqrt().unbind()
             rms = (msq / self._numel).sqrt().unbind()
+            keys = self._keys
             for i in self._turn.next():
-                m = self.modules[i]
-                out[f"grad/norm/{m}"] = norms[i]
-                out[f"grad/rms/{m}"] = rms[i]
+                kn, kr = keys[i]
+                out[kn] = norms[i]
+                out[kr] = rms[i]
         return out
 
 
@@ -288,7 +349,7 @@ class UpdateProbe(HookedProbe):
         dev = self._owner.device
         local = [_local(p.detach()) for p in self.params]
         psq = torch.stack([p.float().pow(2).sum() for p in local])
-        usq = torch.stack([(p.float() - b.float()).pow(2).sum() for p, b in zip(local, self._before)])
+        usq = torch.stack([(p.float() - b.float()).pow_(2).sum() for p, b in zip(local, self._before)])  # in place on the fresh difference
         self._before = None
         psq, usq = self._sharded(torch.stack([psq, usq])).unbind()
         mp = torch.zeros(len(self.modules), device=dev).index_add_(0, self._owner, psq).sqrt()

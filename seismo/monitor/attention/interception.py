@@ -14,6 +14,7 @@ steps, and never recompiles because of the monitor. Why, and what it costs: docs
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Callable
 
@@ -59,6 +60,11 @@ def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict[str, Any]:
     return out
 
 
+def _no_autocast(device_type: str) -> Any:
+    """A context with autocast off for ``device_type``; a no-op context (cheaper to enter) when it is off already."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
+
+
 def _logits_of_call(func: Any, args: tuple, kwargs: dict, max_batch: int) -> Tensor | None:
     """Pre-softmax logits ``(b, nh, Tq, Tk)`` of one watched call, None when it is not attention
     (a softmax over anything but the last dimension of a 4-D tensor, integer inputs...)."""
@@ -68,7 +74,7 @@ def _logits_of_call(func: Any, args: tuple, kwargs: dict, max_batch: int) -> Ten
     if first is None:
         return None
     # the logits of the q and k the kernel receives, accumulated in fp32: not re-rounded by autocast
-    with torch.autocast(first.device.type, enabled=False):
+    with _no_autocast(first.device.type):
         return _logits_of(kind, a, max_batch)
 
 

@@ -86,10 +86,11 @@ def sdpa_logits(
             return None
         k = k.repeat_interleave(hq // hk, dim=1)
     s = 1.0 / math.sqrt(E) if scale is None else float(scale)
-    z = torch.matmul(q.float(), k.float().transpose(-2, -1)) * s  # (b, H, L, S)
+    # in place on the fresh product: the same values as `* s` / `masked_fill`, two temporaries fewer
+    z = torch.matmul(q.float(), k.float().transpose(-2, -1)).mul_(s)  # (b, H, L, S)
     if is_causal:
         allowed = torch.ones(L, S, dtype=torch.bool, device=z.device).tril()
-        z = z.masked_fill(~allowed, NEG_INF)
+        z.masked_fill_(~allowed, NEG_INF)
     if attn_mask is not None:
         m = attn_mask.detach()
         if m.dim() > rank:
@@ -162,12 +163,12 @@ def mha_logits(
     if mod.add_zero_attn:
         k = torch.cat([k, k.new_zeros(b, nh, 1, hd)], dim=2)
         extra += 1
-    z = torch.matmul(q.float(), k.float().transpose(-2, -1)) * (1.0 / math.sqrt(hd))  # (b, nh, L, S')
+    z = torch.matmul(q.float(), k.float().transpose(-2, -1)).mul_(1.0 / math.sqrt(hd))  # (b, nh, L, S'), in place: as `*`
     St = S + extra
     if is_causal and key_padding_mask is None and not need_weights:
         # F.multi_head_attention_forward drops attn_mask and lets SDPA apply is_causal (top-left).
         allowed = torch.ones(L, St, dtype=torch.bool, device=z.device).tril()
-        return z.masked_fill(~allowed, NEG_INF)
+        return z.masked_fill_(~allowed, NEG_INF)
     if attn_mask is not None:
         m = attn_mask.detach()
         if m.dim() == 2:

@@ -44,10 +44,11 @@ def attention_stats(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     # is nan (rows without a finite entry get weight 0 below). Setting those log p to 0 gives
     # exp(0) * 0 = 0 for them and skips exp(-inf), which is slow on CPU.
     logp = torch.log_softmax(z, dim=-1).nan_to_num_(nan=0.0, neginf=0.0)
-    ent = -(logp.exp() * logp).sum(-1)  # (b, nh, Tq)
+    ent = logp.exp().mul_(logp).sum(-1).neg_()  # (b, nh, Tq); in place: the same values, temporaries fewer
     w = row_ok.float()
-    per_head = (ent * w).sum(dim=(0, 2)) / w.sum(dim=(0, 2)).clamp_min(1)
-    mean = (ent * w).sum() / w.sum().clamp_min(1)
+    ent_w = ent.mul_(w)
+    per_head = ent_w.sum(dim=(0, 2)) / w.sum(dim=(0, 2)).clamp_min(1)
+    mean = ent_w.sum() / w.sum().clamp_min(1)
     return logit_max, mean, per_head.min()
 
 

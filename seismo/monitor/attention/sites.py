@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from seismo.monitor.attention.interception import Gate, LogitsCallback, _bind, _Handle, _Install
+from seismo.monitor.attention.interception import Gate, LogitsCallback, _bind, _Handle, _Install, _no_autocast
 from seismo.monitor.attention.logits import mha_logits
 from seismo.monitor.attention.tap import find_tap_sites
 
@@ -122,7 +122,7 @@ class MHASite(_ModuleSite):
             return
         tok.done = True
         try:
-            with torch.autocast(query.device.type, enabled=False):  # fp32 logits, not re-rounded by autocast
+            with _no_autocast(query.device.type):  # fp32 logits, not re-rounded by autocast
                 logits = mha_logits(
                     self.module, query, key, a.get("key_padding_mask"), a.get("attn_mask"),
                     bool(a.get("need_weights", True)), bool(a.get("is_causal", False)), tok.max_batch,
