@@ -19,6 +19,12 @@ Back to step 0, where AdamW has no state yet (checkpointed as its bare param gro
 checkpoints every 8 steps rolls back to step 0; the run must equal the never-saw run bitwise, and a
 new model resuming from the step-0 snapshot directory must repeat the whole run bitwise.
 
+A disk that fails on one rank: DCP's storage write raises ENOSPC on rank 1 from the second snapshot
+on (inside ``torch.distributed.checkpoint.save``, which re-raises it on every rank as a
+``CheckpointException``, a ``BaseException``). Both ranks must go on in memory only, with one
+warning on rank 0 and no hang; the step-0 snapshot stays the only directory, no temporary directory
+is left, and the rollback from the ring gives bitwise the losses of the run whose disk worked.
+
 Tensor parallel (``parallelize_module`` with ``ColwiseParallel`` / ``RowwiseParallel`` on a 2-layer
 MLP, parameters sharded on dim 0, dim 1, or replicated): the same spike and rollback; both ranks
 decide alike, and the losses equal an unsharded run that never saw the skipped batches (rel 1e-6).
@@ -68,6 +74,7 @@ def _worker(rank: int, out_dir: str) -> None:
         torch.save(_skip_scenario(rank), os.path.join(out_dir, f"skip{rank}.pt"))
         torch.save(_rollback_scenario(rank, out_dir), os.path.join(out_dir, f"rollback{rank}.pt"))
         torch.save(_step0_scenario(rank, out_dir), os.path.join(out_dir, f"step0{rank}.pt"))
+        torch.save(_disk_failure_scenario(rank, out_dir), os.path.join(out_dir, f"diskfail{rank}.pt"))
         torch.save(_tensor_parallel_scenario(rank), os.path.join(out_dir, f"tp{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -80,7 +87,7 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_guard")
     mp.spawn(_worker, args=(str(out),), nprocs=WORLD, join=True)
     return {kind: [torch.load(out / f"{kind}{r}.pt", weights_only=False) for r in range(WORLD)]
-            for kind in ("skip", "rollback", "step0", "tp")}
+            for kind in ("skip", "rollback", "step0", "diskfail", "tp")}
 
 
 def _skip_scenario(rank: int) -> dict:
@@ -262,6 +269,48 @@ def test_fsdp2_rollback_to_a_step_without_optimizer_state(results):
         assert r["restored"] == [0]
         assert r["losses"] == r["never_saw"]  # bitwise: AdamW restarted with no state, as at step 0
         assert r["resumed_at"] == 0 and r["resumed"] == r["losses"]  # from the step-0 DCP snapshot, bitwise
+
+
+def _disk_failure_scenario(rank: int, out_dir: str) -> dict:
+    import torch.distributed.checkpoint.filesystem as fs
+
+    writes = []
+    original = fs.FileSystemWriter.write_data
+
+    def write_data(self, plan, planner):
+        writes.append(1)
+        if rank == 1 and len(writes) >= 2:
+            raise OSError(28, "No space left on device")
+        return original(self, plan, planner)
+
+    ckpt = os.path.join(out_dir, "guard_full_disk")
+    half = slice(rank * 2, rank * 2 + 2)
+    model, _ = _sharded_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    fs.FileSystemWriter.write_data = write_data
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            guard = Guard(model, opt, ckpt_dir=ckpt, **RB_CFG)
+            losses, after_rollback = _guarded_run(model, opt, guard, half, rank)
+            guard.close()
+    finally:
+        fs.FileSystemWriter.write_data = original
+    return {"losses": losses, "after_rollback": after_rollback, "in_memory_only": guard.in_memory_only,
+            "warnings": [str(w.message) for w in caught if issubclass(w.category, GuardWarning)],
+            "files": sorted(os.listdir(ckpt)), "events": [(e.kind, e.step) for e in guard.events]}
+
+
+def test_fsdp2_disk_failure_on_one_rank(results):
+    r0, r1 = results["diskfail"]
+    normal = results["rollback"]
+    for r, ok in zip((r0, r1), normal):
+        assert r["in_memory_only"] and r["after_rollback"] is True
+        assert r["files"] == ["guard-step000000000-e0.dcp"]  # no temporary directory, no later snapshot or tracker
+        assert r["events"] == ok["events"] and r["losses"] == ok["losses"]  # the ring alone gives the same run
+    assert r1["warnings"] == []
+    assert len(r0["warnings"]) == 1 and "guard-step000000008-e0.dcp" in r0["warnings"][0]
+    assert "rank 1: OSError: [Errno 28] No space left on device" in r0["warnings"][0], r0["warnings"]
 
 
 # --- tensor parallel ------------------------------------------------------------------------------

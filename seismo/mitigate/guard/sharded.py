@@ -33,6 +33,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from seismo._io import atomic_torch_save
+from seismo.mitigate.guard.reporting import logger
 from seismo.mitigate.guard.window import SpikeWindow
 
 __all__ = ["is_sharded", "capture", "restore", "ShardedSnapshotWriter", "load_dir", "remove", "DCP_SUFFIX"]
@@ -158,6 +159,10 @@ def restore(ck: Mapping, model: nn.Module, optimizer: torch.optim.Optimizer, sta
     return int(ck["step"])
 
 
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -203,6 +208,7 @@ class ShardedSnapshotWriter:
 
     def submit(self, path: Path, payload: dict) -> None:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, raised on every rank
 
         if self.error is not None:
             return
@@ -217,24 +223,33 @@ class ShardedSnapshotWriter:
             extra = {k: payload[k] for k in ("format", "step", "epoch", "stateful", "window", "rng", "optimizer_groups")}
             extra["sharded"] = True
             atomic_torch_save(extra, tmp / f"rank{self.rank}.pt")
+        except CheckpointException as exc:  # DCP's: every rank's failures, with tracebacks; keep one line per rank
+            fails = getattr(exc, "failures", {}) or {}
+            failure = OSError("; ".join(f"rank {r}: {_one_line(e[0] if isinstance(e, tuple) else e)}"
+                                        for r, e in sorted(fails.items())) or _one_line(exc))
         except Exception as exc:  # noqa: BLE001 - a full disk must not kill training; the Guard reports it
             failure = exc
-        ok = [failure is None]
         gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, ok[0])  # the barrier: every rank has written (or failed)
-        if all(gathered) and self.rank == 0:
+        # the barrier: every rank has written (None) or failed (what went wrong)
+        dist.all_gather_object(gathered, None if failure is None else _one_line(failure))
+        failed = [(r, what) for r, what in enumerate(gathered) if what is not None]
+        if not failed and self.rank == 0:
             try:
                 os.replace(tmp, path)
                 _fsync_dir(self.dir)
-                self._prune()
             except OSError as exc:
                 failure = exc
-        verdict = [failure is None and all(gathered)]
-        dist.broadcast_object_list(verdict, src=0)
-        if verdict[0]:
+            else:
+                self._prune()
+        verdict = [None if failure is None else _one_line(failure)]
+        dist.broadcast_object_list(verdict, src=0)  # rank 0's rename
+        if not failed and verdict[0] is None:
             self.written += 1
             return
-        self.error = (path, failure if failure is not None else RuntimeError("another rank failed to write its shard"))
+        if failure is None:
+            what = "; ".join(f"rank {r}: {w}" for r, w in failed) or f"rank 0: {verdict[0]}"
+            failure = OSError(f"the snapshot was not completed ({what})")
+        self.error = (path, failure)
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -247,7 +262,10 @@ class ShardedSnapshotWriter:
     def _prune(self) -> None:
         files = sorted(self._list(self.dir))
         for _, _, p in files[: max(0, len(files) - self.keep)]:
-            remove(p)
+            try:
+                remove(p)
+            except OSError as exc:  # an old snapshot left behind is harmless (pruned next time)
+                logger.debug("seismo Guard: could not prune %s (%r)", p, exc)
 
 
 def load_dir(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict:
