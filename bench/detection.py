@@ -1,13 +1,15 @@
 """Detection benchmark: seismo's detectors against the spike rules in use today.
 
-    python bench/detection.py [--quick] [--rebuild] [--no-real] [--tune] [--write-docs]
+    python bench/detection.py [--quick] [--rebuild] [--no-real] [--tune] [--write-docs] [--render]
 
 Two labelled halves:
 
 * **generated** series with known ground truth (``bench/_detection_series.py``): loss curves and
   grad-norm-like series with injected spikes, slow drifts, plateaus and clean negatives, under
-  Gaussian, heteroscedastic and Student-t noise. A *test* split (seed 1) is scored; a separate
-  *tuning* split (seed 2) is the only data ``--tune`` looks at.
+  Gaussian, heteroscedastic and Student-t noise. A *test* split (seed 3) is scored; a separate
+  *tuning* split (seed 2) is the only data ``--tune`` looks at. Seed 1 was the test split until
+  December 2026; it was looked at while the current defaults were developed (the persistent-level
+  fix came after seeing its failures), so it was retired and seed 3 drawn fresh.
 * **real** runs (``bench/_detection_runs.py``) of TinyGPT and small MLPs that reproduce one
   instability kind each, plus their stabilised twins, cached under ``bench/.cache/detection/``.
 
@@ -62,7 +64,8 @@ from seismo.diagnose.stats import RobustWindow  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BENCHMARKS.md"
-TEST_SEED, TUNE_SEED = 1, 2
+TEST_SEED, TUNE_SEED = 3, 2
+RETIRED_TEST_SEEDS = (1,)  # seen while the current defaults were developed
 SPIKE_KIND = {"loss": "loss_spike", "grad/norm": "grad_spike"}
 PEERS = ("olmo_core", "llm_foundry", "lightning")
 BURN_IN = 100  # real runs: spike alarms before this step are not scored (early-training transients; no peer rule is active yet)
@@ -70,26 +73,13 @@ BURN_IN = 100  # real runs: spike alarms before this step are not scored (early-
 
 # --- seismo on one series ----------------------------------------------------------------------
 
-#: What ``--tune`` found on the tuning split (seed 2, 200 loss + 100 grad-norm series; the full grid
-#: is printed by ``--tune`` and summarised in docs/BENCHMARKS.md). Scored on the test split as a
-#: separate row; the library defaults are unchanged (see the Detection section for why).
+#: What ``--tune`` found on the tuning split (seed 2, 200 loss + 100 grad-norm series). A run with
+#: ``--tune`` replaces these with what it finds before the test split is scored; without it they
+#: come from the last tuning run cached in ``bench/.cache/detection/tune.json``, else these (found
+#: in November 2026 for the defaults of then). Scored on the test split as a separate row; the
+#: library defaults are not changed from them.
 TUNED = {"loss": dict(z=10.0, rel=0.02), "grad/norm": dict(z=8.0, rel=1.0)}
-
-
-class _Rebaseline:
-    """What-if (not in the library): the default detector, except that once an episode has lasted
-    ``persist`` observations its values enter the window again, so a permanent level shift moves
-    the baseline instead of keeping the detector "in a spike" for the rest of the run."""
-
-    def __init__(self, det: SpikeDetector):
-        self.det = det
-
-    def update(self, step, values):
-        out = self.det.update(step, values)
-        x = values.get(self.det.signal)
-        if x is not None and math.isfinite(x) and self.det.in_spike > self.det.persist:
-            self.det.window.add(self.det._t(x))
-        return out
+SEVERE = ("warning", "critical")
 
 
 def seismo_detector(signal: str, **overrides) -> SpikeDetector:
@@ -105,14 +95,20 @@ def seismo_detector(signal: str, **overrides) -> SpikeDetector:
     return det
 
 
-def seismo_alarms(series: Series, rebaseline: bool = False, **overrides) -> list[int]:
+def seismo_events(series: Series, **overrides) -> list[tuple[int, str]]:
+    """(step, severity) of every ``loss_spike`` / ``grad_spike`` event on the series. The step is
+    the episode's onset; with triage (the loss) the event is emitted later (at the recovery for an
+    ``info`` outlier, ``quick`` = 5 observations after the onset for a ``warning``)."""
     det = seismo_detector(series.signal, **overrides)
-    runner = _Rebaseline(det) if rebaseline else det
     kind = SPIKE_KIND[series.signal]
     out = []
     for i, v in enumerate(series.values.tolist()):
-        out += [e.step for e in runner.update(i, {series.signal: v}) if e.kind == kind]
+        out += [(e.step, e.severity) for e in det.update(i, {series.signal: v}) if e.kind == kind]
     return out
+
+
+def seismo_alarms(series: Series, **overrides) -> list[int]:
+    return [st for st, _ in seismo_events(series, **overrides)]
 
 
 def peer_alarms(series: Series) -> dict[str, list[int]]:
@@ -132,10 +128,12 @@ def _fmt_params(p: dict) -> str:
 
 def detector_rows(series: Series, variants: bool) -> dict[str, list[int]]:
     """Alarm steps of every scored detector on one series."""
-    alarms = {"seismo": seismo_alarms(series)}
+    ev = seismo_events(series)
+    alarms = {"seismo": [st for st, _ in ev]}
+    if series.signal == "loss":  # triage: isolated outliers are `info`; the rest warn
+        alarms["seismo warning+"] = [st for st, sev in ev if sev in SEVERE]
     if variants:
         alarms[f"seismo tuned ({_fmt_params(TUNED[series.signal])})"] = seismo_alarms(series, **TUNED[series.signal])
-        alarms["seismo re-baseline (what-if)"] = seismo_alarms(series, rebaseline=True)
     alarms.update(peer_alarms(series))
     return alarms
 
@@ -180,7 +178,9 @@ def tune(n_loss: int, n_grad: int, log=print) -> dict:
     for signal in ("loss", "grad/norm"):
         subset = [s for s in tune_set if s.signal == signal]
         base = seismo_detector(signal)
-        grid = [dict(z=z, rel=r) for z in (5.0, 6.0, 7.0, 8.0, 10.0, 12.0) for r in ((0.02, 0.05, 0.1, 0.2) if signal == "loss" else (0.5, 1.0, 2.0))]
+        zs = sorted({4.5, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, base.z})  # the default's z is always in the grid
+        rels = sorted({*((0.02, 0.05, 0.1, 0.2) if signal == "loss" else (0.5, 1.0, 2.0)), base.rel})
+        grid = [dict(z=z, rel=r) for z in zs for r in rels]
         rows = []
 
         def evaluate(params, subset=subset, rows=rows, signal=signal):
@@ -548,9 +548,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-real", action="store_true", help="generated series only")
     ap.add_argument("--tune", action="store_true", help="grid-search SpikeDetector settings on the tuning split")
     ap.add_argument("--write-docs", action="store_true", help="replace the Detection section of docs/BENCHMARKS.md")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite the Detection section from the last full run's saved tables (bench/.cache/detection/results.json)")
     args = ap.parse_args(argv)
+    if args.render:
+        saved = json.loads((CACHE / "results.json").read_text())
+        write_docs(render_doc([tuple(t) for t in saved["tables"]], saved["meta"]))
+        print(f"wrote the Detection section of {DOC} from {CACHE / 'results.json'}")
+        return 0
     torch.set_num_threads(1)
     t_start = time.time()
+    load0 = os.getloadavg()
     n_loss, n_grad = (120, 60) if args.quick else (400, 200)
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -560,6 +568,12 @@ def main(argv: list[str] | None = None) -> int:
         tuned = tune(n_loss // 2, n_grad // 2, log)
         CACHE.mkdir(parents=True, exist_ok=True)
         (CACHE / "tune.json").write_text(json.dumps(tuned, indent=1, default=str))
+    elif (CACHE / "tune.json").exists():
+        tuned = json.loads((CACHE / "tune.json").read_text())
+    if tuned:
+        for sig, t in tuned.items():
+            TUNED[sig] = dict(t["best"]["params"])
+        log(f"tuned settings scored on the test split: {TUNED}")
 
     log(f"generated test split: seed {TEST_SEED}, {n_loss} loss + {n_grad} grad-norm series")
     test = make_set(TEST_SEED, n_loss, n_grad)
@@ -578,8 +592,6 @@ def main(argv: list[str] | None = None) -> int:
         real = score_real(cases, hists)
         demo = demo_lead(real, hists)
         tables += real_tables(real, demo)
-    if tuned is None and (CACHE / "tune.json").exists():
-        tuned = json.loads((CACHE / "tune.json").read_text())
     if tuned:
         tables += tuning_tables(tuned)
     print_tables(tables)
@@ -589,24 +601,34 @@ def main(argv: list[str] | None = None) -> int:
                   f"F1 {t['best']['f1']:.3f} (P {t['best']['precision']:.3f}, R {t['best']['recall']:.3f})")
     elapsed = time.time() - t_start
     print(f"\nscored {len(test)} generated series in {t_synth:.0f} s; total {elapsed:.0f} s")
+    cmd = ".venv/bin/python bench/detection.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta = dict(cmd=cmd.strip(), machine=machine(), date=_dt.date.today().isoformat(), elapsed_s=round(elapsed),
+                cpu_s=round(time.process_time()), load_start=load0, load_end=os.getloadavg(),
+                n_loss=sum(s.signal == "loss" for s in test), n_grad=sum(s.signal != "loss" for s in test),
+                test_seed=TEST_SEED, tune_seed=TUNE_SEED, tuned=TUNED, quick=args.quick)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    (CACHE / ("results_quick.json" if args.quick else "results.json")).write_text(
+        json.dumps(dict(meta=meta, tables=tables), indent=1, default=str))
 
     if args.write_docs:
-        cmd = ".venv/bin/python bench/detection.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_docs(render_doc(tables, cmd.strip(), args, test, tuned))
+        write_docs(render_doc(tables, meta))
         log(f"wrote the Detection section of {DOC}")
     return 0
 
 
-def render_doc(tables, cmd: str, args, test, tuned) -> str:
-    """The generated part of the Detection section (tables); the prose lives in
-    bench/_detection_doc.md and is inserted before the tables."""
-    prose_path = Path(__file__).resolve().parent / "_detection_doc.md"
-    prose = prose_path.read_text() if prose_path.exists() else ""
+def render_doc(tables, meta: dict) -> str:
+    """The Detection section: a header naming the command, then the prose of
+    bench/_detection_doc.md filled from the tables (bench/_detection_prose.py), then the tables."""
+    from _detection_prose import render_prose
+
+    prose = render_prose(tables)
+    load = f"load average {meta['load_start'][0]:.1f} at the start, {meta['load_end'][0]:.1f} at the end" if "load_start" in meta else ""
     head = [
         "## Detection",
         "",
-        f"`{cmd}` on {machine()}, {_dt.date.today().isoformat()} (one torch thread; "
-        f"{sum(s.signal == 'loss' for s in test)} loss + {sum(s.signal != 'loss' for s in test)} grad-norm generated series in the test split).",
+        f"`{meta['cmd']}` on {meta['machine']}, {meta['date']} (one torch thread; "
+        f"{meta['n_loss']} loss + {meta['n_grad']} grad-norm generated series in the test split; "
+        f"{meta['elapsed_s'] / 60:.0f} min wall, {meta['cpu_s'] / 60:.0f} min CPU; {load}; machine shared with other jobs).",
         "",
     ]
     body = [prose.rstrip(), ""] if prose else []
