@@ -17,7 +17,9 @@ full batch. Disk: a second FSDP2 model and Guard resume from the newest DCP snap
 Back to step 0, where AdamW has no state yet (checkpointed as its bare param groups, since
 ``get_state_dict`` would initialise the state with a zero-LR step): a spike at data 7-9 with
 checkpoints every 8 steps rolls back to step 0; the run must equal the never-saw run bitwise, and a
-new model resuming from the step-0 snapshot directory must repeat the whole run bitwise.
+new model resuming on that directory, after rank 1's own file of the newer (step 8) snapshot was
+truncated, must fall back to the step-0 snapshot on both ranks (one warning naming rank 1) and
+repeat the whole run bitwise.
 
 A disk that fails on one rank: DCP's storage write raises ENOSPC on rank 1 from the second snapshot
 on (inside ``torch.distributed.checkpoint.save``, which re-raises it on every rank as a
@@ -36,7 +38,6 @@ import copy
 import datetime
 import math
 import os
-import shutil
 import warnings
 
 import pytest
@@ -248,17 +249,21 @@ def _step0_scenario(rank: int, out_dir: str) -> dict:
     never_saw = _plain_run(fresh, lambda i: batch(i)[half], guard.skipped_ranges, steps=12)
     files = sorted(os.listdir(ckpt))
     dist.barrier()
-    if rank == 0:  # leave only the step-0 snapshot (taken before AdamW had any state)
-        shutil.rmtree(os.path.join(ckpt, "guard-step000000008-e1.dcp"))
+    if rank == 1:  # damage rank 1's own file of the newest snapshot: every rank must fall back to step 0
+        with open(os.path.join(ckpt, "guard-step000000008-e1.dcp", "rank1.pt"), "r+b") as f:
+            f.truncate(100)
     dist.barrier()
     again, _ = _sharded_model()
     opt2 = torch.optim.AdamW(again.parameters(), lr=1e-2)
     guard2 = Guard(again, opt2, ckpt_dir=ckpt, **cfg)
-    resumed_at = guard2.resume()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed_at = guard2.resume()
     resumed, _ = _guarded_run(again, opt2, guard2, half, rank, stop=12, spike=(7, 8, 9))
     guard2.close()
     return {"events": [(e.kind, e.step) for e in guard.events], "restored": [r["restored_step"] for r in guard.rollbacks],
-            "losses": losses, "never_saw": never_saw, "files": files, "resumed_at": resumed_at, "resumed": resumed}
+            "losses": losses, "never_saw": never_saw, "files": files, "resumed_at": resumed_at, "resumed": resumed,
+            "resume_warnings": [str(w.message) for w in caught if issubclass(w.category, GuardWarning)]}
 
 
 def test_fsdp2_rollback_to_a_step_without_optimizer_state(results):
@@ -269,6 +274,8 @@ def test_fsdp2_rollback_to_a_step_without_optimizer_state(results):
         assert r["restored"] == [0]
         assert r["losses"] == r["never_saw"]  # bitwise: AdamW restarted with no state, as at step 0
         assert r["resumed_at"] == 0 and r["resumed"] == r["losses"]  # from the step-0 DCP snapshot, bitwise
+    assert r1["resume_warnings"] == [] and len(r0["resume_warnings"]) == 1
+    assert "guard-step000000008-e1.dcp" in r0["resume_warnings"][0] and "rank 1:" in r0["resume_warnings"][0]
 
 
 def _disk_failure_scenario(rank: int, out_dir: str) -> dict:

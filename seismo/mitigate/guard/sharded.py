@@ -271,12 +271,24 @@ class ShardedSnapshotWriter:
 def load_dir(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict:
     """A snapshot directory loaded into clones of the live state (nothing live changes, except
     that a stateless optimizer is initialised, see the module docstring). A collective: every
-    rank must call it with the same path. Raises on any failure."""
+    rank must call it with the same path. Raises ``ValueError`` on every rank when any rank fails
+    (so all ranks fall back to the same older snapshot)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    extra = torch.load(path / f"rank{rank}.pt", map_location="cpu", weights_only=True)
-    if not isinstance(extra, dict) or extra.get("format") != FORMAT or not extra.get("sharded"):
-        raise ValueError(f"{path}: not a seismo Guard snapshot of a sharded model")
+    extra, failure = None, None
+    try:
+        extra = torch.load(path / f"rank{rank}.pt", map_location="cpu", weights_only=True)
+        if not isinstance(extra, dict) or extra.get("format") != FORMAT or not extra.get("sharded"):
+            raise ValueError(f"rank{rank}.pt is not a seismo Guard snapshot of a sharded model")
+    except Exception as exc:  # noqa: BLE001 - shared with the other ranks below, then raised on all of them
+        failure = _one_line(exc)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, failure)  # a rank's own file failing must not leave the others in dcp.load
+    failed = [(r, what) for r, what in enumerate(gathered) if what is not None]
+    if failed:
+        raise ValueError("; ".join(f"rank {r}: {what}" for r, what in failed))
+    assert extra is not None
     empty = extra.get("optimizer_groups") is not None
     if empty:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -289,7 +301,12 @@ def load_dir(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ran
     state = {"model": _rebuild(_to_cpu(msd))}
     if osd is not None:
         state["optimizer"] = _rebuild(_to_cpu(osd))
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except CheckpointException as exc:  # a BaseException, raised on every rank
+        fails = getattr(exc, "failures", {}) or {}
+        raise ValueError("; ".join(f"rank {r}: {_one_line(e[0] if isinstance(e, tuple) else e)}"
+                                   for r, e in sorted(fails.items())) or _one_line(exc)) from None
     ck = dict(extra)
     ck["model"] = _to_cpu(state["model"])
     ck["optimizer"] = _to_cpu(state["optimizer"]) if osd is not None else None
