@@ -311,7 +311,7 @@ def default_detectors() -> list[Detector]:
     return [
         NonFiniteDetector(),
         SpikeDetector("loss_spike", "loss", z=4.5, rel=0.02, persist=50, divergence_kind="loss_divergence", triage=True,
-                      ramp_z=3.0, level_lag=8),
+                      ramp_z=3.0, level_lag=8, outlier_z=3.0, outlier_excess=math.log(2.0)),
         LossRegressionDetector(),
         SpikeDetector("grad_spike", "grad/norm", z=6.0, rel=1.0, log=True, module_prefix="grad/norm/", module_z=6.0),
         SpikeDetector("update_spike", "update/norm", z=6.0, rel=1.0, log=True, module_prefix="update/ratio/", module_z=6.0),

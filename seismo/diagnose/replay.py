@@ -183,6 +183,8 @@ def _spike_flags(det: SpikeDetector, x: np.ndarray) -> np.ndarray:
     z = (xi - level) / scale
     rel = (xi - level) / denom
     flag = (z > det.z) & (rel > det.rel)
+    if det.outlier_z is not None:  # the material-outlier onset (SpikeDetector.update), same arithmetic
+        flag |= (z > det.outlier_z) & (xi - level > det.outlier_excess) & (rel > det.rel)
     if det.ramp_z is not None:  # the ramp rule (SpikeDetector._ramp), same arithmetic
         m = np.minimum(np.minimum(x[w - 2:-2], x[w - 1:-1]), x[w:])
         flag |= ((m - level) / scale > det.ramp_z) & ((m - level) / denom > det.rel)

@@ -64,6 +64,16 @@ class SpikeDetector:
     after ``persist``). So on a healthy run whose residuals follow that tail, warning episodes
     come at most ``tail_rate`` per observation, while every onset above ``z`` is still reported.
 
+    With ``triage`` and ``outlier_z`` a *material outlier* opens an episode too: an observation
+    above the recovery band (``outlier_z`` noise units; the loss: 3, = ``recover_z``) whose excess
+    is more than ``outlier_excess`` in the signal's units (the loss: ln 2 = 0.69 nats, the batch's
+    perplexity twice the level's) and ``rel`` relative. On a noisy run (one small batch per step) a
+    large single-step spike stands only 4-5 noise units above the level, and the window's level
+    and noise estimates move its z-score by up to +-1.5, so the ``z`` onset misses some; this one
+    does not. Such an episode is triaged like any other (so nearly always an ``info`` outlier: a
+    warning needs the tail-gated excess area above) and costs no alarm; the nats floor keeps it
+    silent on runs whose noise is small against ln 2 (there every such excursion is far above ``z``).
+
     With ``module_prefix`` (e.g. ``grad/norm/``) the module whose own signal jumped most is named
     as responsible, and with ``module_z`` a module whose own signal jumps ``module_z`` noise units
     and ``module_ratio`` times above its own recent level is reported even when the global signal
@@ -75,7 +85,7 @@ class SpikeDetector:
                  divergence_kind: str | None = None, module_prefix: str | None = None, noise_floor_rel: float = 1e-3,
                  triage: bool = False, quick: int = 5, recover_z: float = 3.0,
                  module_z: float | None = None, module_ratio: float = 5.0, ramp_z: float | None = None, level_lag: int = 0,
-                 tail_rate: float | None = 1e-5):
+                 tail_rate: float | None = 1e-5, outlier_z: float | None = None, outlier_excess: float = math.log(2.0)):
         self.name = name or kind
         self.kind, self.signal = kind, signal
         self.z, self.rel, self.log, self.min_history, self.persist = z, rel, log, min_history, persist
@@ -88,6 +98,11 @@ class SpikeDetector:
         if tail_rate is not None and not 0.0 < tail_rate < 1.0:
             raise ValueError(f"tail_rate: must be in (0, 1), got {tail_rate!r}")
         self.tail_rate = tail_rate if triage else None
+        if outlier_z is not None and not (math.isfinite(outlier_z) and outlier_z > 0 and math.isfinite(outlier_excess)):
+            raise ValueError(f"outlier_z, outlier_excess: must be finite, outlier_z > 0, got {outlier_z!r}, {outlier_excess!r}")
+        # the lower onset only where the consequence decides the severity (without triage every onset warns)
+        self.outlier_z = outlier_z if triage else None
+        self.outlier_excess = outlier_excess
         self.tail = TailModel()
         self.last3: deque[float] = deque(maxlen=3)  # the last three observations (accepted or not)
         self.window = RobustWindow(window)
@@ -122,6 +137,8 @@ class SpikeDetector:
             raw_level = math.exp(level) if self.log else level
             rel = (x - raw_level) / max(abs(raw_level), 1e-12)
             spike = zscore > self.z and rel > self.rel
+            if not spike and self.outlier_z is not None:
+                spike = zscore > self.outlier_z and tx - level > self.outlier_excess and rel > self.rel
             if not spike and self.ramp_z is not None and len(self.last3) == 3:
                 spike = self._ramp(level, scale)
         if spike and self.triage:
