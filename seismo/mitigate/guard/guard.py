@@ -158,7 +158,7 @@ class Guard:
                 dist.barrier()  # rank 0 created the directory
             self._writer = sharded.ShardedSnapshotWriter(self.ckpt_dir, cfg.disk_keep, self.model, self._opt_state,
                                                          self.rank, snapshots.list_snapshots)
-        elif self.ckpt_dir is None and cfg.policy == "rollback":
+        if self.ckpt_dir is None and cfg.policy == "rollback":
             self._report.warn_once("memory", "seismo Guard: ckpt_dir=None: rollback checkpoints are kept in memory "
                                              "only; a restarted job cannot resume (pass ckpt_dir=... to keep them)")
 

@@ -22,6 +22,7 @@ into a fresh optimizer does run that initialising step (DCP needs the state's sh
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -84,9 +85,13 @@ def _to_cpu(obj: Any) -> Any:
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(v) for v in obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return copy.deepcopy(obj)  # a ring entry must not change with the live object
 
 
 def _rebuild(obj: Any) -> Any:
@@ -97,8 +102,10 @@ def _rebuild(obj: Any) -> Any:
         return obj.clone()
     if isinstance(obj, dict):
         return {k: _rebuild(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_rebuild(v) for v in obj)
+    if isinstance(obj, list):
+        return [_rebuild(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_rebuild(v) for v in obj)
     return obj
 
 
