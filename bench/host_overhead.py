@@ -55,6 +55,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_model, loadavg  # noqa: E402
@@ -243,11 +244,35 @@ def bench(model_name: str, args) -> dict:
                 print(f"   disabled probes: {lp.monitor.disabled}")
             print(f"   signals per tracked step: {len(lp.monitor.history)} names")
     if args.profile:
+        while mon.i % SLOW_EVERY != 1:  # start right after a 10-step step: the next 9 are tracked every-step only
+            mon.run(1, record=False)
+        plain_calls, mon_calls = torch_calls(plain, SLOW_EVERY - 1), torch_calls(mon, SLOW_EVERY - 1)
+        print(f"   torch calls from Python per step (steps tracked every step, not the 10-step ones): plain {plain_calls:.0f}, "
+              f"default {mon_calls:.0f}: the monitor adds {mon_calls - plain_calls:.0f}")
         profile(mon, args.profile)
     for lp in loops:
         if lp.monitor is not None:
             lp.monitor.close()
     return out
+
+
+class CallCounter(TorchFunctionMode):
+    """Counts the torch functions called from Python (each is one dispatch, one kernel launch or more on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def torch_calls(loop: Loop, n: int) -> float:
+    """Torch function calls per step over ``n`` steps of ``loop``."""
+    with CallCounter() as counter:
+        loop.run(n, record=False)
+    return counter.n / n
 
 
 def profile(loop: Loop, n: int) -> None:
@@ -290,7 +315,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
-    instrument()
+    if args.profile:
+        instrument()
     print(f"machine: nproc={os.cpu_count()}, CPU {cpu_model()!r}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"python {platform.python_version()}")
     results = [bench(m.strip(), args) for m in args.models.split(",")]

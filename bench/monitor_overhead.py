@@ -1,7 +1,7 @@
 """Per-step overhead of seismo's Monitor on CPU: monitored / unmonitored step time.
 
     python bench/monitor_overhead.py [--models tinygpt,gpt2-sdpa,gpt2-eager] [--rounds 25]
-                                     [--block 20] [--warmup 5] [--threads 1] [--probe-batch 4]
+                                     [--block 20] [--warmup 5] [--threads 1] [--probe-batch 4] [--no-full]
 
 For each model, four copies with the same initialisation train on the same batches in the same
 process (forward, loss, ``zero_grad``, backward, AdamW step):
@@ -253,13 +253,15 @@ def bench_model(model_name: str, args) -> list[tuple]:
         Loop("plain", model_name, data, probe_batch, None),
         Loop("plain-2", model_name, data, probe_batch, None),
         Loop("default", model_name, data, probe_batch, "default"),
-        Loop("full/64", model_name, data, probe_batch, "full/64"),
     ]
-    full = loops[3].monitor
-    hess = [p for p in full.probes if p.name == "hessian"]
+    if not args.no_full:
+        loops.append(Loop("full/64", model_name, data, probe_batch, "full/64"))
     print(f"\n== {model_name}: {args.rounds} rounds x {args.block} steps per loop, load before: {loadavg()}", flush=True)
-    print(f"   full/64 probes: {[p.name for p in full.probes]}; the Hessian probe runs at steps "
-          f"{[s for s in range(0, 1001) if hess and hess[0].schedule(s)]} (every max(64, 500) = 500 by design)")
+    if not args.no_full:
+        full = loops[3].monitor
+        hess = [p for p in full.probes if p.name == "hessian"]
+        print(f"   full/64 probes: {[p.name for p in full.probes]}; the Hessian probe runs at steps "
+              f"{[s for s in range(0, 1001) if hess and hess[0].schedule(s)]} (every max(64, 500) = 500 by design)")
     for lp in loops:  # includes step 0, where every probe (and the Hessian) runs once
         lp.run(args.warmup, record=False)
     t_start = time.time()
@@ -316,6 +318,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--probe-batch", type=int, default=PROBE_B, help="sequences in the Hessian probe batch")
     ap.add_argument("--verbose", action="store_true", help="print per-round medians and load")
+    ap.add_argument("--no-full", action="store_true", help="leave out the full/64 copy (plain, plain-2 and default only)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -348,9 +348,19 @@ class UpdateProbe(HookedProbe):
             return
         dev = self._owner.device
         local = [_local(p.detach()) for p in self.params]
-        psq = torch.stack([p.float().pow(2).sum() for p in local])
-        usq = torch.stack([(p.float() - b.float()).pow_(2).sum() for p, b in zip(local, self._before)])  # in place on the fresh difference
-        self._before = None
+        before, self._before = self._before, None
+        psq, usq = [], []
+        for p, b in zip(local, before):
+            if p.dtype is torch.float32 and b.dtype is torch.float32 and b.shape == p.shape:
+                # The copy is not needed after this: it holds the squared update, then the squared
+                # weights, so no temporary the size of the weights is allocated. (b - p)^2 is
+                # bitwise (p - b)^2 (IEEE subtraction is antisymmetric), pow(2) the same op as before.
+                usq.append(b.sub_(p).pow_(2).sum())
+                psq.append(torch.pow(p, 2, out=b).sum())
+            else:
+                usq.append((p.float() - b.float()).pow_(2).sum())
+                psq.append(p.float().pow(2).sum())
+        psq, usq = torch.stack(psq), torch.stack(usq)
         psq, usq = self._sharded(torch.stack([psq, usq])).unbind()
         mp = torch.zeros(len(self.modules), device=dev).index_add_(0, self._owner, psq).sqrt()
         mu = torch.zeros(len(self.modules), device=dev).index_add_(0, self._owner, usq).sqrt()
