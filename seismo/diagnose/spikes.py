@@ -69,7 +69,7 @@ class SpikeDetector:
     is more than ``outlier_excess`` in the signal's units (the loss: ln 2 = 0.69 nats, the batch's
     perplexity twice the level's) and ``rel`` relative. On a noisy run (one small batch per step) a
     large single-step spike stands only 4-5 noise units above the level, and the window's level
-    and noise estimates move its z-score by up to +-1.5, so the ``z`` onset misses some; this one
+    and noise estimates move its z-score by more than one unit, so the ``z`` onset misses some; this one
     does not. Such an episode is triaged like any other (so nearly always an ``info`` outlier: a
     warning needs the tail-gated excess area above) and costs no alarm; the nats floor keeps it
     silent on runs whose noise is small against ln 2 (there every such excursion is far above ``z``).
