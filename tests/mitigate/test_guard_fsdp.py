@@ -1,7 +1,9 @@
 """The Guard under FSDP2 (``fully_shard``): 2 CPU processes with gloo, TinyGPT.
 
 A loss spike is shown to rank 1's Guard only; the flags are all-reduced with MAX, so both ranks
-must skip that step (their parameter shards and AdamW state unchanged) and report the same events.
+must skip that step (their parameter shards and AdamW state unchanged) and report the same events,
+in each skip mode: ``sync``, ``mask`` (snapshot and ``where`` on each rank's local shards: DTensor
+has no sharding rule for ``_foreach_copy_``) and ``fused`` (AdamW(fused=True) with ``found_inf``).
 The Guard's gradient norm is the norm of the full (sharded) gradient, the same on both ranks.
 
 Rollback through ``torch.distributed.checkpoint``: a loss spike on three consecutive data indices,
@@ -49,6 +51,7 @@ from seismo.mitigate.guard import Guard, GuardWarning, data_index
 from seismo.proxy.model import GPTConfig, TinyGPT
 
 WORLD = 2
+MODES = ("sync", "mask", "fused")  # how a step is skipped (docs/GUARD.md); auto is sync on CPU, mask on a GPU
 STEPS = 16
 SPIKE = 12
 CFG = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16)
@@ -57,12 +60,6 @@ CFG = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16)
 def batch(step: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(100 + step)
     return torch.randint(0, CFG.vocab_size, (4, CFG.block_size + 1), generator=g)
-
-
-def _local_state(model, opt):
-    params = [p.detach().to_local().clone() for p in model.parameters()]
-    state = [v.to_local().clone() for s in opt.state.values() for v in s.values() if v.dim() > 0]
-    return params + state
 
 
 def _worker(rank: int, out_dir: str) -> None:
@@ -94,37 +91,46 @@ def results(tmp_path_factory):
 def _skip_scenario(rank: int) -> dict:
     from torch.distributed.fsdp import fully_shard
 
-    torch.manual_seed(0)
-    model = TinyGPT(CFG)
-    for block in model.transformer.h:
-        fully_shard(block)
-    fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    guard = Guard(model, opt, policy="skip", warmup=8)
-    unchanged, skipped_at = None, []
-    half = slice(rank * 2, rank * 2 + 2)
-    for i in guard.steps(STEPS):
-        tok = batch(i)[half]
-        _, loss = model(tok[:, :-1], tok[:, 1:])
-        loss.backward()
-        seen = loss * 1000.0 if (rank == 1 and i == SPIKE) else loss
-        before = _local_state(model, opt) if i == SPIKE else None
-        if guard.step(seen):
-            skipped_at.append(i)
-        if before is not None:
-            unchanged = all(torch.equal(a, b) for a, b in zip(before, _local_state(model, opt)))
-    guard.flush()
-    return {"skipped_at": skipped_at, "unchanged": unchanged,
-            "events": [(e.kind, e.step) for e in guard.events], "stats": guard.stats}
+    out = {}
+    for mode in MODES:
+        torch.manual_seed(0)
+        model = TinyGPT(CFG)
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=mode == "fused")
+        guard = Guard(model, opt, policy="skip", warmup=8, skip_mode=mode)
+        unchanged, skipped_at, losses = None, [], []
+        half = slice(rank * 2, rank * 2 + 2)
+        for i in guard.steps(STEPS):
+            tok = batch(i)[half]
+            _, loss = model(tok[:, :-1], tok[:, 1:])
+            loss.backward()
+            seen = loss * 1000.0 if (rank == 1 and i == SPIKE) else loss
+            before = _full_state(model, opt) if i == SPIKE else None
+            if guard.step(seen):
+                skipped_at.append(i)
+            if before is not None:
+                unchanged = all(torch.equal(a, b) for a, b in zip(before, _full_state(model, opt)))
+            losses.append(loss.item())
+        guard.flush()
+        out[mode] = {"skipped_at": skipped_at, "unchanged": unchanged, "mode": guard.skip_mode, "losses": losses,
+                     "events": [(e.kind, e.step) for e in guard.events], "stats": guard.stats}
+    return out
 
 
-def test_fsdp2_ranks_decide_together(results):
-    r0, r1 = results["skip"]
+@pytest.mark.parametrize("mode", MODES)
+def test_fsdp2_ranks_decide_together(results, mode):
+    r0, r1 = (r[mode] for r in results["skip"])
     for r in (r0, r1):
+        assert r["mode"] == mode
         assert r["skipped_at"] == [SPIKE]  # rank 0 saw no spike, yet skipped with rank 1
-        assert r["unchanged"]  # its shards and AdamW state did not move
+        assert r["unchanged"]  # its shards, AdamW moments and step counters did not move
     assert r0["events"] == r1["events"] == [("guard_skip", SPIKE)]
     assert r0["stats"] == r1["stats"]
+    if mode == "mask":  # the optimizer of the sync run: every masked step is bitwise an applied or a skipped one
+        for rank, r in enumerate((r0, r1)):
+            assert r["losses"] == results["skip"][rank]["sync"]["losses"]
 
 
 # --- rollback through torch.distributed.checkpoint -----------------------------------------------

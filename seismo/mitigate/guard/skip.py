@@ -35,6 +35,14 @@ from seismo.errors import ConfigError
 __all__ = ["SkipStepper", "supports_fused_skip"]
 
 
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (a view: writing into it writes the DTensor); a plain tensor as it is.
+    DTensor has no sharding rule for ``_foreach_copy_``, and ``where`` with the plain 0-d decision
+    would mix a Tensor with DTensors; every rank applies the same decision, so per shard is exact."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 def supports_fused_skip(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` takes a ``found_inf`` decision (a fused torch optimizer)."""
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and bool(optimizer.defaults.get("fused"))
@@ -119,11 +127,11 @@ class SkipStepper:
                 st = state.get(p)
                 if not st:
                     continue
-                live.append(p)
+                live.append(_local(p))
                 for k, v in st.items():
                     if not isinstance(v, Tensor):
                         return f"optimizer state {k!r} is a {type(v).__name__}, not a tensor"
-                    live.append(v)
+                    live.append(_local(v))
         for x in live:
             if x.device != device:
                 return (f"a parameter or optimizer state tensor is on {x.device}, the decision on {device}; "
