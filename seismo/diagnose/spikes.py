@@ -69,10 +69,11 @@ class SpikeDetector:
     is more than ``outlier_excess`` in the signal's units (the loss: ln 2 = 0.69 nats, the batch's
     perplexity twice the level's) and ``rel`` relative. On a noisy run (one small batch per step) a
     large single-step spike stands only 4-5 noise units above the level, and the window's level
-    and noise estimates move its z-score by more than one unit, so the ``z`` onset misses some; this one
-    does not. Such an episode is triaged like any other (so nearly always an ``info`` outlier: a
-    warning needs the tail-gated excess area above) and costs no alarm; the nats floor keeps it
-    silent on runs whose noise is small against ln 2 (there every such excursion is far above ``z``).
+    and noise estimates move its z-score by more than one unit, so the ``z`` onset misses some;
+    this one caught all of them on the healthy-runs set (docs/DIAGNOSE.md). Such an episode is
+    triaged like any other (so nearly always an ``info`` outlier: a warning needs the tail-gated
+    excess area above) and costs no alarm; the nats floor keeps it silent on runs whose noise is
+    small against ln 2 (there every such excursion is far above ``z``).
 
     With ``module_prefix`` (e.g. ``grad/norm/``) the module whose own signal jumped most is named
     as responsible, and with ``module_z`` a module whose own signal jumps ``module_z`` noise units
