@@ -224,9 +224,10 @@ class GradientProbe(HookedProbe):
             idx = sorted({slot[id(p)] for p in fired})
             self._reduce([self.params[i] for i in idx], idx)
 
+    @torch.no_grad()  # instead of a detach() per gradient
     def _reduce(self, params: list[Tensor], idx: list[int] | None) -> None:
         """Square sums and non-finite counts of the gradients of ``params`` (slots ``idx``, None: all)."""
-        grads = [_local(p.grad.detach()) for p in params if p.grad is not None]
+        grads = [_local(p.grad) for p in params if p.grad is not None]
         if len(grads) != len(params):  # a gradient set to None since its hook ran
             keep = [i for i, p in enumerate(params) if p.grad is not None]
             idx = [(idx[i] if idx is not None else i) for i in keep]
