@@ -553,3 +553,31 @@ def test_kill_9_during_snapshot_writes_leaves_a_loadable_snapshot(tmp_path):
         assert step > 0
         assert not any(n.endswith(".tmp") for n in os.listdir(d))
         assert_same(snapshot(model, opt), snapshot(*_replay(step)))
+
+
+def _run_with_outliers(bad: set[int], n: int = 120) -> dict:
+    """The regression loop with the loss (and gradient) of the batches in ``bad`` multiplied by 50."""
+    model, opt = make_mlp()
+    guard = Guard(model, opt, interval=10)
+    for i in guard.steps(n):
+        x, y = mlp_batch(i)
+        loss = F.mse_loss(model(x), y) * (50.0 if i in bad else 1.0)
+        loss.backward()
+        guard.step(loss)
+    guard.flush()
+    return dict(guard.stats)
+
+
+@pytest.mark.parametrize("bad", [{40, 60}, {40, 59}, {40, 45}, {40, 41, 60}], ids=["20-apart", "19-apart", "5-apart", "burst+1"])
+def test_two_isolated_outliers_are_skipped_never_rolled_back(bad):
+    """Two bursts of outliers are two skips, however close (recovery_steps = 20 once made the second
+    of two one-step outliers 20 steps apart a rollback)."""
+    st_ = _run_with_outliers(bad)
+    assert st_["rollbacks"] == 0 and st_["skipped_steps"] == len(bad)
+
+
+def test_a_spike_that_keeps_coming_back_is_rolled_back():
+    """Three bursts spanning recovery_steps: the third one escalates (the loss spike lasts)."""
+    st_ = _run_with_outliers({40, 50, 60})
+    assert st_["rollbacks"] == 1 and st_["skipped_steps"] == 3
+    assert _run_with_outliers({40, 50, 59})["rollbacks"] == 0  # the third burst before recovery_steps: skipped

@@ -58,8 +58,9 @@ class GuardConfig:
     max_consecutive_skips: int = 5
     """This many flagged steps in a row escalate (reset the window, roll back or give up)."""
     recovery_steps: int = 20
-    """Flagged steps still coming this many steps after the first one escalate; this many unflagged
-    steps end a spike episode."""
+    """A third burst of flagged steps this many steps or more after the first one escalates (a spike
+    that keeps coming back; two isolated outliers never do); this many unflagged steps end a spike
+    episode."""
 
     # --- rollback ---
     interval: int = 50

@@ -17,7 +17,7 @@ Two policies (see docs/GUARD.md):
   decay (how, without a host sync: :mod:`seismo.mitigate.guard.skip`). The spike never enters
   the window.
 * ``"rollback"``: skip as above; when a spike does not recover (``max_consecutive_skips``
-  consecutive skipped steps, or skips still coming ``recovery_steps`` after the first one),
+  consecutive skipped steps, or a third burst of skips ``recovery_steps`` or more after the first one),
   restore a checkpoint taken at least ``rewind`` steps before the spike started, skip every
   batch the failed trajectory saw plus ``skip_ahead`` more, optionally lower the LR, and go on.
   This is PaLM's remedy (Chowdhery et al. 2022, arXiv 2204.02311: "re-started training from a
@@ -471,15 +471,19 @@ class Guard:
                     self._episode = None
             return None
         if ep is None:
-            ep = self._episode = {"start": t, "data_index": d, "last": t, "consecutive": 0, "skips": 0,
+            ep = self._episode = {"start": t, "data_index": d, "last": t, "consecutive": 0, "skips": 0, "bursts": 0,
                                   "reasons": [], "row": row, "first": {}}
+        if ep["consecutive"] == 0:  # the step before was clean (or this opens the episode): a new burst
+            ep["bursts"] += 1
         ep["consecutive"] += 1
         ep["skips"] += 1
         ep["last"] = t
         ep["reasons"] = sorted(set(ep["reasons"]) | set(reasons), key=messages.REASONS.index)
         for r in reasons:
             ep["first"].setdefault(r, row)  # the numbers of each signal's first flagged step
-        if ep["consecutive"] >= cfg.max_consecutive_skips or t - ep["start"] >= cfg.recovery_steps:
+        # lasting: flagged steps in a row, or a spike that keeps coming back (a third burst of flagged steps
+        # recovery_steps or more after the first); two isolated outliers are two skips, never an escalation
+        if ep["consecutive"] >= cfg.max_consecutive_skips or (t - ep["start"] >= cfg.recovery_steps and ep["bursts"] >= 3):
             return (t, d, row, dict(ep))
         return None
 
