@@ -83,9 +83,7 @@ def export_reusing(store_paths: str, preset: str, quick: bool, source: str) -> P
     """Like :func:`export`, but the arms ``preset`` shares with the stored preset ``source`` (e.g.
     qk_clip's baseline and qk_norm, from qk_layernorm) come from ``source``'s trials.json, at the
     sizes where the store holds ``preset``'s other arms. Refused unless each reused trial's config
-    is identical under both presets at this revision (same trial key). Trials of the shared arms
-    found in the store are re-runs of reused ones at this revision: they are kept, next to the
-    stored values, as ``reuse_check``."""
+    is identical under both presets at this revision (same trial key)."""
     from seismo.proxy.sweep import expand, load_sweep_results
     from seismo.proxy.sweep_presets import get_sweep_preset
 
@@ -103,14 +101,6 @@ def export_reusing(store_paths: str, preset: str, quick: bool, source: str) -> P
         cell = (r["intervention"], r["size"], float(r["lr"]), int(r["seed"]))
         if keys.get(cell) is None or keys[cell] != src_keys.get(cell):
             raise SystemExit(f"check_reproductions: {source}'s trial {cell} is not {preset}'s config; cannot reuse it")
-    stored = {(r["intervention"], r["size"], float(r["lr"]), int(r["seed"])): r for r in reused}
-    check = []
-    for r in rows:
-        cell = (r["intervention"], r["size"], float(r["lr"]), int(r["seed"]))
-        if r["intervention"] in shared and cell in stored:
-            check.append(dict(intervention=cell[0], size=cell[1], lr=cell[2], seed=cell[3],
-                              **{f"{w}_{k}": x.get(k) for w, x in (("stored", stored[cell]), ("rerun", r))
-                                 for k in ("final_val_loss", "final_train_loss", "max_attn_logit")}))
     trials = sorted(list(new.values()) + reused, key=lambda r: (r["intervention"], _size_key(r["size"]), r["lr"], r["seed"]))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     out = DATA / preset / "trials.json"
@@ -118,7 +108,6 @@ def export_reusing(store_paths: str, preset: str, quick: bool, source: str) -> P
     doc = dict(preset=preset, sweep=sweep.name, quick=quick, seismo_commit=commit, torch_threads_per_trial=1,
                overrides=sweep.overrides, interventions=sweep.interventions, sizes=sweep.sizes, lrs=sweep.lrs,
                reused=dict(source=source, seismo_commit=src["seismo_commit"], interventions=shared, sizes=sizes),
-               reuse_check=sorted(check, key=lambda c: (c["intervention"], _size_key(c["size"]), c["lr"], c["seed"])),
                trials=trials)
     out.write_text(json.dumps(doc, indent=1, sort_keys=False, default=_json_default) + "\n")
     return out
@@ -379,16 +368,18 @@ def block_qk_clip(d: dict) -> list[str]:
         out += [f"The {n} trials of {', '.join(f'`{iv}`' for iv in reused['interventions'])} are `{reused['source']}`'s "
                 f"(run at seismo {reused['seismo_commit']}; [trials.json](reproductions/{reused['source']}/trials.json)): "
                 "the same configs, so the same trial keys; only `qk_clip`'s trials were run for this block.", ""]
-        chk = d.get("reuse_check") or []
-        if chk:
-            same = sum(c["stored_final_val_loss"] == c["rerun_final_val_loss"] and c["stored_max_attn_logit"] == c["rerun_max_attn_logit"]
-                       for c in chk)
-            worst = max(abs(c["rerun_final_val_loss"] - c["stored_final_val_loss"]) for c in chk)
-            cells = sorted({(c["intervention"], c["size"], c["seed"]) for c in chk})
-            out += [f"Re-run at seismo {d['seismo_commit']}: {len(chk)} of the reused trials ("
-                    + ", ".join(f"`{iv}` `{s}` seed {k}" for iv, s, k in cells) + f", LRs {', '.join(lr_str(c['lr']) for c in chk)}); "
-                    f"{same} of {len(chk)} give the stored final validation loss and max attention logit bit for bit "
-                    f"(largest difference in validation loss {worst:.2g}).", ""]
+        base = {(r["size"], r["lr"], r["seed"]): r for r in rows if r["intervention"] == "baseline"}
+        pairs = [(r, base[(r["size"], r["lr"], r["seed"])]) for r in rows
+                 if r["intervention"] == "qk_clip" and (r["size"], r["lr"], r["seed"]) in base]
+        same = [r for r, b in pairs if (r["final_val_loss"], r["final_train_loss"]) == (b["final_val_loss"], b["final_train_loss"])]
+        lrs = sorted({float(r["lr"]) for r in same})
+        out += [f"Reproduction check: {len(same)} of the {len(pairs)} `qk_clip` trials end "
+                "with the final validation and training losses of the reused `baseline` trial of the same size, LR and seed, "
+                f"bit for bit (LRs {', '.join(lr_str(x) for x in lrs) or 'none'}). QK-Clip multiplies the weights by exactly 1.0 "
+                "while no logit exceeds tau, so in those trials it never fired and they re-run the reused baseline trials at this "
+                "revision.", ""]
+    if not any(r["intervention"] == "qk_clip" for r in rows):
+        return out + ["No size has the `qk_clip` arm over a whole LR grid yet."]
     top = max(float(r["lr"]) for r in rows)
     t, m = sensitivity_table(d, "baseline", top_lr_column(d, "max_attn_logit"), [f"max attention logit at LR {lr_str(top)}"])
     out += t + [""]
@@ -415,6 +406,34 @@ def block_qk_clip(d: dict) -> list[str]:
                f"LR {lr_str(float(worst['lr']))}, seed {worst['seed']}). Rule: every trial at or below {QK_CLIP_BOUND:g} tau: "
                f"*agrees*; else, if at LR {lr_str(top)} every QK-Clip seed is below every baseline seed at each size: *partly*; "
                "else *does not*.")
+    return out + signed_max_lines(d, tau)
+
+
+def signed_max_lines(d: dict, tau: float) -> list[str]:
+    """The table of docs/reproductions/qk_clip/signed_max.json (bench/qk_clip_signed_max.py), if any."""
+    path = DATA / d["preset"] / "signed_max.json"
+    if not path.exists():
+        return []
+    sm = json.loads(path.read_text())["trials"]
+    stored = {(r["size"], float(r["lr"]), r["seed"]): r for r in d["trials"] if r["intervention"] == "qk_clip"}
+    same = sum(stored.get((x["size"], float(x["lr"]), x["seed"]), {}).get("final_val_loss") == x["final_val_loss"] for x in sm)
+    by: dict[tuple, list[dict]] = {}
+    for x in sm:
+        by.setdefault((x["size"], float(x["lr"])), []).append(x)
+    body = []
+    for (size, lr), xs in sorted(by.items(), key=lambda kv: (_size_key(kv[0][0]), kv[0][1])):
+        cols = [spread(seed_spread([float(x[k]) for x in xs]), f=num)
+                for k in ("max_signed", "max_abs", "steps_signed_over_2tau", "steps_abs_over_2tau", "max_signed_last100")]
+        body.append([size, lr_str(lr), ", ".join(str(x["seed"]) for x in sorted(xs, key=lambda x: x["seed"]))] + cols)
+    steps = sm[0]["steps"]
+    out = ["", f"What QK-Clip bounds (`python bench/qk_clip_signed_max.py`: {len(sm)} of the `qk_clip` trials re-run with the "
+           f"monitor off, recording every step's training forward over the whole batch before that step's clip; {same} of {len(sm)} "
+           "end with the stored trial's final validation loss bit for bit, so these are the same runs). The *signed* max logit "
+           "is the S QK-Clip acts on; the max |logit| is what the monitor records. Mean ± std [min, max] over seeds:", ""]
+    out += table(["size", "LR", "seeds", "max signed logit", "max absolute logit", f"steps (of {steps}) with signed max > {num(2 * tau)}",
+                  f"steps with max absolute logit > {num(2 * tau)}", "max signed logit, last 100 steps"], body)
+    late = sum(x["max_signed_last100"] <= 2 * tau for x in sm)
+    out += ["", f"Over the last 100 steps the signed max logit stays at or below {num(2 * tau)} in {late} of these {len(sm)} trials."]
     return out
 
 
