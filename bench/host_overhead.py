@@ -56,7 +56,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_model, loadavg  # noqa: E402
@@ -265,7 +265,7 @@ def bench(model_name: str, args) -> dict:
         while mon.i % SLOW_EVERY != 1:  # start right after a 10-step step: the next 9 are tracked every-step only
             mon.run(1, record=False)
         plain_calls, mon_calls = torch_calls(plain, SLOW_EVERY - 1), torch_calls(mon, SLOW_EVERY - 1)
-        print(f"   torch calls from Python per step (steps tracked every step, not the 10-step ones): plain {plain_calls:.0f}, "
+        print(f"   aten operators dispatched per step outside the backward's own kernels (steps tracked every step): plain {plain_calls:.0f}, "
               f"default {mon_calls:.0f}: the monitor adds {mon_calls - plain_calls:.0f}")
         profile(mon, args.profile)
     for lp in loops:
@@ -275,23 +275,53 @@ def bench(model_name: str, args) -> dict:
     return out
 
 
-class CallCounter(TorchFunctionMode):
-    """Counts the torch functions called from Python (each is one dispatch, one kernel launch or more on a GPU)."""
+class CallCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched (on a GPU: about one kernel launch each, views aside)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.n = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.n += 1
         return func(*args, **(kwargs or {}))
 
 
+COUNTER: CallCounter | None = None
+
+
+def count_in_hooks() -> None:
+    """Make every probe hook count its operators into COUNTER too: a dispatch mode entered around the
+    step does not see what runs in autograd's hooks and end-of-backward callbacks."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    import seismo.monitor.probe as probe_mod
+
+    guard = probe_mod.HookSet.guard
+
+    def counted_guard(self, fn):
+        wrapped = guard(self, fn)
+
+        def run(*args, **kwargs):
+            counter = COUNTER
+            if counter is None or any(m is counter for m in _get_current_dispatch_mode_stack()):
+                return wrapped(*args, **kwargs)
+            with counter:
+                return wrapped(*args, **kwargs)
+
+        return run
+
+    probe_mod.HookSet.guard = counted_guard
+
+
 def torch_calls(loop: Loop, n: int) -> float:
-    """Torch function calls per step over ``n`` steps of ``loop``."""
-    with CallCounter() as counter:
+    """Aten operators per step over ``n`` steps of ``loop`` (the step's own and the probes' hooks; not the backward's kernels)."""
+    global COUNTER
+    COUNTER = CallCounter()
+    with COUNTER:
         loop.run(n, record=False)
-    return counter.n / n
+    calls, COUNTER = COUNTER.n, None
+    return calls / n
 
 
 def profile(loop: Loop, n: int) -> None:
@@ -337,6 +367,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     if args.profile:
+        count_in_hooks()
         instrument()
     if args.foreach:
         import seismo.monitor.gradients as gradients
