@@ -4,7 +4,7 @@ Checked against float64 references computed here from the gradients themselves: 
 non-finite counts of both reduction forms (the CPU loop and the foreach form used on
 accelerators), per-module norms under gradient accumulation where the micro-batches touch
 different parameters, and the number of reductions per step (one per backward, not one per
-parameter).
+parameter), and a reentrant checkpoint's nested backward.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from seismo.monitor import Monitor
 from seismo.monitor.gradients import GradientProbe, _sums_foreach, _sums_loop
@@ -110,4 +111,37 @@ def test_one_reduction_per_backward_not_per_parameter(monkeypatch):
         mon.step(torch.tensor(1.0))
         # tracked steps: one reduction per backward, each over all 6 parameters; untracked: none
         assert calls == ([6, 6] if step % 2 == 0 else []), (step, calls)
+    mon.close()
+
+
+class Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.requires_grad_()
+        h = torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=True)
+        return self.head(h)
+
+
+def test_reentrant_checkpointing_nested_backward_still_reads_every_gradient():
+    """A reentrant checkpoint runs a nested backward: its end-of-backward callback fires before the
+    outer one's, with only the inner parameters; every norm must still be the gradient's."""
+    torch.manual_seed(0)
+    model = Checkpointed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = Monitor(model, opt, probes="minimal", flush_every=1)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        model(torch.randn(5, 6)).pow(2).sum().backward()
+        grads = {n: p.grad.detach().double().clone() for n, p in model.named_parameters()}
+        opt.step()
+        mon.step(torch.tensor(0.0))
+        for mod in ("inner.0", "inner.2", "head"):
+            ref = math.sqrt(sum(float(g.pow(2).sum()) for n, g in grads.items() if n.rsplit(".", 1)[0] == mod))
+            assert mon.history[f"grad/norm/{mod}"][1][-1] == pytest.approx(ref, rel=1e-6), mod
+        total = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values()))
+        assert mon.history["grad/norm"][1][-1] == pytest.approx(total, rel=1e-6)
     mon.close()
