@@ -86,7 +86,7 @@ def prose_values(tables: list[Table]) -> dict[str, str]:
     tuned_g = next(n for n in gdet if n.startswith("seismo tuned"))
     v.update(loss_f1=s["F1"], loss_p=s["precision"], loss_r=s["recall"], loss_lat=s["median latency (steps)"],
              loss_fp=s["FP"], loss_tp=s["TP"], loss_fn=s["FN"],
-             warn_f1=sw["F1"], warn_p=sw["precision"], warn_r=sw["recall"],
+             warn_f1=sw["F1"], warn_p=sw["precision"], warn_r=sw["recall"], warn_fp=sw["FP"],
              tuned_loss_name=tuned_l, tuned_loss_f1=det[tuned_l]["F1"],
              tuned_grad_name=tuned_g, tuned_grad_f1=gdet[tuned_g]["F1"],
              grad_f1=gdet["seismo"]["F1"], grad_p=gdet["seismo"]["precision"], grad_r=gdet["seismo"]["recall"])

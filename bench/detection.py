@@ -532,7 +532,8 @@ def write_docs(text: str) -> None:
     block = f"{begin}\n{text.rstrip()}\n{end}\n"
     old = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):].lstrip("\n")
+        rest = old[old.index(end) + len(end):].lstrip("\n")
+        new = old[: old.index(begin)] + block + ("\n" + rest if rest else "")
     else:
         new = old.rstrip("\n") + "\n\n" + block
     DOC.parent.mkdir(parents=True, exist_ok=True)
