@@ -140,6 +140,12 @@ def prose_values(tables: list[Table]) -> dict[str, str]:
                     v[f"{key}_{short}_tp"], v[f"{key}_{short}_fn"], v[f"{key}_{short}_fp"] = d["TP"], d["FN"], d["FP"]
                     v[f"{key}_{short}_f1"] = d["F1"]
             v[f"{key}_n"] = str(int(v[f"{key}_s_tp"]) + int(v[f"{key}_s_fn"]))
+        kinds = _rows(tables, "Real runs: per kind")
+        missed = [f"`{d['kind']}` (recall {d['recall']} over {d['positive runs']} run(s))" for d in kinds
+                  if d["recall"] not in ("1.00", "-")]
+        wrong = [f"`{d['kind']}` (precision {d['precision']})" for d in kinds if d["precision"] not in ("1.00", "-")]
+        v["real_missed"] = ", ".join(missed) or "none"
+        v["real_wrong"] = ", ".join(wrong) or "none"
         named = _rows(tables, "Real runs: module named")
         v["named_right"] = str(sum(int(d["named right / detected"].split(" / ")[0]) for d in named))
         v["named_detected"] = str(sum(int(d["named right / detected"].split(" / ")[1]) for d in named))
