@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -12,7 +13,7 @@ from rich.text import Text
 from seismo.cli._common import DEFAULT_RUNS_DIR, CLIError, Subcommand, check_directory, console, esc, fmt
 from seismo.cli._training import preflight_trials
 from seismo.diagnose.detectors import default_detectors
-from seismo.proxy.measures import UNSTABLE_MARGIN, scaling_prediction
+from seismo.proxy.measures import UNSTABLE_MARGIN, lr_sensitivity_near_best, scaling_prediction, sensitivity_over_seeds
 from seismo.proxy.sweep import expand, load_sweep_file, load_sweep_results, run_sweep, summarize_sweep
 from seismo.proxy.sweep_presets import SWEEP_PRESETS, get_sweep_preset
 from seismo.report.sweep_plots import plot_sweep, plot_trial_curves
@@ -90,16 +91,40 @@ class Sweep(Subcommand):
         return 0
 
 
+def _near_best(rows: list[dict], iv: str, size: str) -> float:
+    """LR sensitivity over the LRs within 10x of the best, on the same seed-mean losses as the
+    whole-grid column (:func:`seismo.proxy.sweep.summarize_sweep`)."""
+    by_lr: dict[float, list[dict]] = {}
+    for r in rows:
+        if r["intervention"] == iv and r["size"] == size:
+            by_lr.setdefault(float(r["lr"]), []).append(r)
+    lrs = sorted(by_lr)
+    losses = [float(np.mean([x["final_val_loss"] if x["status"] == "completed" else math.nan for x in by_lr[lr]])) for lr in lrs]
+    l0 = float(np.nanmedian([x["init_loss"] for lr in lrs for x in by_lr[lr]]))
+    return lr_sensitivity_near_best(lrs, losses, l0)
+
+
 def _print_sensitivity(con, sweep, rows: list[dict], summary) -> None:
-    """The LR-sensitivity table (Wortsman et al. 2023, arXiv 2309.14322): one row per intervention and size."""
+    """The LR-sensitivity table (Wortsman et al. 2023, arXiv 2309.14322): one row per intervention and size.
+
+    Over the whole LR grid and over the LRs within 10x of the best (at a short run's smallest LRs
+    under-training dominates the whole-grid value), both on the seed-mean losses; with several
+    seeds, also the range of the whole-grid value over the seeds' own loss-vs-LR curves."""
     top = max(sweep.lrs)
+    multi = len({r.get("seed", 0) for r in rows}) > 1
+    per_seed = sensitivity_over_seeds(rows) if multi else {}
     table = Table(title=Text(f"{sweep.name}: LR sensitivity (Wortsman et al. 2023) per intervention and size"))
-    for col in ("intervention", "size", "params", "LR sensitivity", "best lr", "diverged", f"max attn logit @ lr {top:g}"):
+    cols = ["intervention", "size", "params", "LR sensitivity", "within 10x of best"] + (["per seed (min-max)"] if multi else [])
+    for col in cols + ["best lr", "diverged", f"max attn logit @ lr {top:g}"]:
         table.add_column(col, justify="left" if col in ("intervention", "size") else "right")
     for (iv, size), sens in sorted(summary.sensitivity.items(), key=lambda kv: (kv[0][0], summary.n_params.get(kv[0][1], 0))):
         logits = [r["max_attn_logit"] for r in rows if r["intervention"] == iv and r["size"] == size and r["lr"] == top]
-        table.add_row(Text(iv), Text(size), f"{summary.n_params.get(size, 0):.3g}", f"{sens:.3f}", f"{summary.best_lr[(iv, size)]:g}",
-                      f"{summary.divergence[(iv, size)]:.0%}", fmt(max(logits), 1) if logits else "n/a")
+        cells = [Text(iv), Text(size), f"{summary.n_params.get(size, 0):.3g}", f"{sens:.3f}", f"{_near_best(rows, iv, size):.3f}"]
+        if multi:
+            sp = per_seed.get((iv, size))
+            cells.append(f"{sp.lo:.3f}-{sp.hi:.3f} ({sp.n})" if sp is not None else "n/a")
+        table.add_row(*cells, f"{summary.best_lr[(iv, size)]:g}", f"{summary.divergence[(iv, size)]:.0%}",
+                      fmt(max(logits), 1) if logits else "n/a")
     con.print(table)
 
 

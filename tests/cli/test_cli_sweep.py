@@ -63,7 +63,9 @@ def test_cli_quick_preset_table_plots_and_predict_error(tmp_path, capsys):
     assert "qk_layernorm-quick: trials" not in text  # the per-trial table only with --trials here
     for iv in ("baseline", "qk_norm"):
         for size in ("xs", "s"):
-            assert re.search(rf"{iv}\W+{size}\W+[0-9.e+]+\W+[0-9.]+\W+[0-9.e-]+\W+[0-9]+%", text), (iv, size)
+            # params, LR sensitivity, within 10x of best, best lr, diverged (one seed: no per-seed column)
+            assert re.search(rf"{iv}\W+{size}\W+[0-9.e+]+\W+[0-9.]+\W+[0-9.]+\W+[0-9.e-]+\W+[0-9]+%", text), (iv, size)
+    assert "per seed" not in text
     plot_dir = Path(out) / "sweep-qk_layernorm-quick"
     for stem in ("loss_vs_lr", "lr_sensitivity_vs_size", "attn_logit_vs_size"):
         for ext in ("png", "svg"):
@@ -209,3 +211,28 @@ def test_cli_predict_refuses_before_running_with_fewer_than_three_other_sizes(tm
     assert "--predict: need >= 3 sizes smaller than c to fit a trend, this sweep has 2 other sizes" in line
     assert "R^2 = 1 by construction" in line
     assert not (tmp_path / "other" / "seismo.sqlite").exists()
+
+
+def test_cli_sensitivity_table_near_best_and_per_seed(tmp_path, capsys):
+    """One size, LRs 1e-4, 1e-2, 1e-1, two seeds, initial loss 4.0 (synthetic store, nothing trains).
+    Final losses: seed 0 [3.8, 2.0, 2.6], seed 1 [3.6, 2.2, 2.0]; seed means [3.7, 2.1, 2.3].
+      whole grid (seed means): ((3.7 - 2.1) + 0 + (2.3 - 2.1)) / 3 = 0.600, best lr 1e-2
+      within 10x of 1e-2 (1e-4 is 100x away): (0 + 0.2) / 2 = 0.100
+      per seed: seed 0 (1.8 + 0 + 0.6) / 3 = 0.800, seed 1 (1.6 + 0.2 + 0) / 3 = 0.600"""
+    from seismo.proxy.sweep import expand, load_sweep_file
+
+    toml = tmp_path / "sens.toml"
+    toml.write_text('name = "sens"\nlrs = [1e-4, 1e-2, 1e-1]\nseeds = [0, 1]\noverrides = ' + json.dumps(TINY_RUN)
+                    + "\n[sizes]\nxs = " + json.dumps(SIZES["xs"]) + "\n")
+    losses = {0: {1e-4: 3.8, 1e-2: 2.0, 1e-1: 2.6}, 1: {1e-4: 3.6, 1e-2: 2.2, 1e-1: 2.0}}
+    with RunStore(tmp_path / "seismo.sqlite") as store:
+        for t in expand(load_sweep_file(toml)):
+            loss = losses[t.seed][t.lr]
+            meta = dict(sweep=t.sweep, trial_key=t.key, intervention=t.intervention, size=t.size, lr=t.lr, seed=t.seed,
+                        status="completed", steps_done=10, final_train_loss=loss, final_val_loss=loss, init_loss=4.0,
+                        max_attn_logit=5.0, n_params=1e4, diverged_at=None)
+            store.record_run(t.run_name, config=t.config, meta=meta, status="completed")
+    assert main(["sweep", str(toml), "--workers", "1", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "per seed (min-max)" in " ".join(text.split()) or "per seed" in text
+    assert re.search(r"baseline\W+xs\W+1e\+04\W+0\.600\W+0\.100\W+0\.600-0\.800 \(2\)\W+0\.01\W+0%", text), text
