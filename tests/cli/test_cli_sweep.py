@@ -162,7 +162,9 @@ def test_cli_predict_fits_seed_means_and_prints_r2(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     text = " ".join(out.split())  # rich wraps long lines at the console width
-    assert "8 trials" not in text and "16 trials" in text  # every trial was already stored: nothing ran
+    assert "16 trials (1 interventions x 4 sizes x 2 lrs x 2 seeds)" in text
+    with RunStore(tmp_path / "seismo.sqlite") as store:
+        assert len(store.runs()) == 16  # every trial was already stored: nothing ran
     assert "Prediction for d (1e+08 params, baseline) from 3 smaller sizes (a, b, c; seeds 0, 1)" in text
     lines = _prediction_lines(out)
     assert set(lines) == {1e-2, 1e-1}
