@@ -127,8 +127,10 @@ def adam_ratio(exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor | float, beta1:
     ``r = (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)``, the ``torch.optim.Adam`` update
     over lr (Kingma & Ba 2015, arXiv 1412.6980)."""
     bc1, bc2 = bias_corrections(step, beta1, beta2)
-    denom = (exp_avg_sq.float() / bc2).sqrt()
-    return (exp_avg.float() / bc1) / (denom + eps), denom
+    # .float(): a 0-d moment (a scalar parameter, e.g. sigmaReparam's gain) divided by a 0-d float64
+    # correction would promote to float64; larger moments stay float32 and .float() returns them as is
+    denom = (exp_avg_sq.float() / bc2).sqrt().float()
+    return ((exp_avg.float() / bc1) / (denom + eps)).float(), denom
 
 
 class AdamProbe(HookedProbe):

@@ -108,9 +108,20 @@ def reference(opt: torch.optim.Optimizer, model: nn.Module, t: int) -> dict[str,
     return out
 
 
-def run(kind: str, seed: int = 0, steps: int = max(TRACKED)):
+class GainNet(Net):
+    """Net with a 0-d parameter (a scalar gain, as sigmaReparam's) in fc1."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1.register_parameter("gain", nn.Parameter(torch.tensor(1.0)))
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x) * self.fc1.gain))
+
+
+def run(kind: str, seed: int = 0, steps: int = max(TRACKED), net: type[nn.Module] = Net):
     torch.manual_seed(seed)
-    model = Net()
+    model = net()
     opt = _optimizer(kind, model.parameters())
     mon = Monitor(model, opt, probes=[AdamProbe(schedule=lambda s: s + 1 in TRACKED)], flush_every=1)
     refs = {}
@@ -152,6 +163,15 @@ def test_adam_signals_equal_elementwise_reference(kind):
         assert all(saw.values()), saw  # the fractions are not trivially 0 or 1
     else:
         assert saw["bimodal"] and saw["not_bimodal"], saw
+
+
+def test_a_scalar_parameter_keeps_the_probe_on_and_exact():
+    """A 0-d moment divided by the 0-d float64 bias correction promoted to float64 and the probe's
+    float32 accumulation refused it: the probe switched itself off on any model with a scalar gain."""
+    _, _, refs, got = run("adamw", net=GainNet)  # run() turns a probe warning into an error
+    for t, ref in refs.items():
+        for key, want in ref.items():
+            assert got[t][key] == pytest.approx(want, rel=1e-5, abs=1e-12), (t, key)
 
 
 def test_spam_bias_correction_uses_the_group_step():
