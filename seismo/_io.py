@@ -14,10 +14,11 @@ import threading
 from pathlib import Path
 from typing import IO, Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "json_default", "dumps_json"]
+__all__ = ["fsync_dir", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "json_default", "dumps_json"]
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that a rename in it is durable (best effort)."""
     # Some filesystems (and Windows) cannot open a directory; the rename is still atomic there.
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -51,7 +52,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         except OSError:
             pass  # never created, or already gone
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

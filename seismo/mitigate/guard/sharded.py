@@ -33,8 +33,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from seismo._io import atomic_torch_save
+from seismo._io import atomic_torch_save, fsync_dir
 from seismo.mitigate.guard.reporting import logger
+from seismo.mitigate.guard.snapshots import restore_loop_state
 from seismo.mitigate.guard.window import SpikeWindow
 
 __all__ = ["is_sharded", "capture", "restore", "ShardedSnapshotWriter", "load_dir", "remove", "DCP_SUFFIX"]
@@ -153,34 +154,11 @@ def restore(ck: Mapping, model: nn.Module, optimizer: torch.optim.Optimizer, sta
     else:  # taken before the optimizer's first step: back to no state at all
         set_model_state_dict(model, _rebuild(ck["model"]))
         optimizer.load_state_dict(_rebuild(ck["optimizer_groups"]))
-    for k, o in stateful.items():
-        if k in ck["stateful"]:
-            o.load_state_dict(_rebuild(ck["stateful"][k]))
-        else:
-            warn(f"stateful:{k}", f"seismo Guard: the checkpoint has no state for stateful[{k!r}]")
-    window.load_state_dict(ck["window"])
-    if restore_rng:
-        torch.set_rng_state(ck["rng"]["cpu"])
-        if "cuda" in ck["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-    return int(ck["step"])
+    return restore_loop_state(ck, stateful, window, restore_rng=restore_rng, warn=warn, copy_state=_rebuild)
 
 
 def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # not supported here: the rename is still atomic
-    finally:
-        os.close(fd)
 
 
 def remove(path: Path) -> None:
@@ -243,7 +221,7 @@ class ShardedSnapshotWriter:
         if not failed and self.rank == 0:
             try:
                 os.replace(tmp, path)
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
             except OSError as exc:
                 failure = exc
             else:

@@ -98,9 +98,16 @@ def restore(ck: Mapping, model: nn.Module, optimizer: torch.optim.Optimizer, sta
         raise ValueError(f"not a seismo Guard checkpoint (format {ck.get('format')!r})")
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(clone_tree(ck["optimizer"]))
+    return restore_loop_state(ck, stateful, window, restore_rng=restore_rng, warn=warn, copy_state=clone_tree)
+
+
+def restore_loop_state(ck: Mapping, stateful: Mapping[str, Any], window: SpikeWindow, *, restore_rng: bool,
+                       warn: Callable[[str, str], None], copy_state: Callable[[Any], Any]) -> int:
+    """What a checkpoint holds besides model and optimizer: the ``stateful`` objects (through
+    ``copy_state``, so the checkpoint stays intact), the spike window and the RNG; returns its step."""
     for k, o in stateful.items():
         if k in ck["stateful"]:
-            o.load_state_dict(clone_tree(ck["stateful"][k]))
+            o.load_state_dict(copy_state(ck["stateful"][k]))
         else:
             warn(f"stateful:{k}", f"seismo Guard: the checkpoint has no state for stateful[{k!r}]")
     window.load_state_dict(ck["window"])
