@@ -58,7 +58,8 @@ def records_of(history: History) -> list[tuple[int, dict[str, float]]]:
 def _reads(det: object) -> tuple[str, ...] | None:
     """Name prefixes of the signals a built-in detector reads (None: unknown, feed it everything)."""
     if isinstance(det, SpikeDetector):
-        return (det.signal,) + ((det.module_prefix,) if det.module_prefix else ())
+        return ((det.signal,) + ((det.module_prefix,) if det.module_prefix else ())
+                + ((det.consequence,) if det.consequence else ()))
     if isinstance(det, (GrowthDetector, ThresholdDetector)):
         return (det.prefix,)
     if isinstance(det, AdamDecorrelationDetector):
@@ -78,12 +79,15 @@ def replay_events(history: History, detectors: Sequence[Detector]) -> list[Event
     emitted: _Emitted = []
     for d_idx, det in enumerate(detectors):
         reads = _reads(det)
-        if reads is not None and not any(n.startswith(p) for n in names for p in reads):
+        # a spike detector's consequence signal alone (the loss, for grad_spike) gives it nothing to report
+        needs = reads[:-1] if reads and isinstance(det, SpikeDetector) and det.consequence else reads
+        if needs is not None and not any(n.startswith(p) for n in names for p in needs):
             continue
         if isinstance(det, LossRegressionDetector) and det.count == 0:
             steps, x = _series(history, det.signal)
             out = _replay_regression(det, steps, x)
-        elif isinstance(det, SpikeDetector) and not det.log and not det.module_prefix and len(det.window) == 0 and det.episode is None:
+        elif (isinstance(det, SpikeDetector) and not det.log and not det.module_prefix and not det.consequence
+              and len(det.window) == 0 and det.episode is None):
             steps, x = _series(history, det.signal)
             out = list(_replay_spike(det, steps, x))
         elif isinstance(det, NonFiniteDetector) and not det.active:

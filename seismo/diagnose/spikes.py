@@ -79,6 +79,28 @@ class SpikeDetector:
     as responsible, and with ``module_z`` a module whose own signal jumps ``module_z`` noise units
     and ``module_ratio`` times above its own recent level is reported even when the global signal
     hardly moves (a x100 gradient in one small module moves the global norm little).
+
+    With ``consequence`` (a signal name: ``grad_spike`` and ``update_spike`` use ``"loss"``) the
+    severity of a spike (global or module-local) comes from what that signal does next: Adam
+    normalises the update, so a gradient-norm spike often leaves no trace in the loss (SPAM, Huang
+    2025, arXiv 2501.06842, clips such spikes because some do harm; Molybog 2023, arXiv 2304.09871,
+    because update spikes come before loss spikes). At the onset an ``info`` event is reported
+    (``provisional=True`` in its evidence); the consequence signal's level and noise (median of its
+    last ``recent`` values, robust noise of its first differences over ``window``, as the loss-spike
+    rule) are frozen then. An episode belongs to the global signal or to one module (so a spike in
+    another module is an episode of its own); spikes of the same signal that come back within
+    ``consequence_steps`` observations of its last one belong to it. One final event per episode,
+    ``step`` = the onset:
+
+    - ``critical`` if the consequence signal or this signal turns non-finite during the episode;
+    - ``warning`` as soon as the mean of the last ``consequence_steps`` consequence values since
+      the onset stands ``consequence_z`` noise units above the frozen level (the loss rose), or the
+      episode has ``persist`` spiking observations (it persists or keeps coming back);
+    - ``info`` ("a spike the loss absorbed") when ``consequence_steps`` consequence values after the
+      last spiking observation have passed without either.
+
+    Where the consequence signal is not recorded (or has fewer than ``min_history`` values at the
+    onset) the spike is a ``warning`` at the onset, as without ``consequence``.
     """
 
     def __init__(self, kind: str, signal: str, *, name: str | None = None, window: int = 128, recent: int = 16,
@@ -86,7 +108,8 @@ class SpikeDetector:
                  divergence_kind: str | None = None, module_prefix: str | None = None, noise_floor_rel: float = 1e-3,
                  triage: bool = False, quick: int = 5, recover_z: float = 3.0,
                  module_z: float | None = None, module_ratio: float = 5.0, ramp_z: float | None = None, level_lag: int = 0,
-                 tail_rate: float | None = 1e-5, outlier_z: float | None = None, outlier_excess: float = math.log(2.0)):
+                 tail_rate: float | None = 1e-5, outlier_z: float | None = None, outlier_excess: float = math.log(2.0),
+                 consequence: str | None = None, consequence_steps: int = 5, consequence_z: float = 2.0):
         self.name = name or kind
         self.kind, self.signal = kind, signal
         self.z, self.rel, self.log, self.min_history, self.persist = z, rel, log, min_history, persist
@@ -111,6 +134,11 @@ class SpikeDetector:
         self.module_in_spike: dict[str, int] = {}
         self.in_spike = 0
         self.episode: dict | None = None  # triage: the open episode's frozen statistics and running evidence
+        if consequence is not None and not (consequence_steps >= 1 and math.isfinite(consequence_z)):
+            raise ValueError(f"consequence_steps, consequence_z: must be >= 1 and finite, got {consequence_steps!r}, {consequence_z!r}")
+        self.consequence, self.consequence_steps, self.consequence_z = consequence, consequence_steps, consequence_z
+        self.cwindow = RobustWindow(window)  # the consequence signal's own history
+        self.cepisodes: dict[str, dict] = {}  # consequence triage: open episodes, "" (global) or by module
 
     def _t(self, x: float) -> float:
         if not self.log:
@@ -122,6 +150,11 @@ class SpikeDetector:
         return max(noise, floor, 1e-12)
 
     def update(self, step: int, values: Mapping[str, float]) -> list[Event]:
+        if self.consequence is None:
+            return self._update(step, values)
+        return self._consequence_update(step, values)
+
+    def _update(self, step: int, values: Mapping[str, float]) -> list[Event]:
         x = values.get(self.signal)
         if x is None or not math.isfinite(x):
             return []
@@ -173,6 +206,65 @@ class SpikeDetector:
             if local and not out:
                 out.append(local)
         return out
+
+    def _consequence_update(self, step: int, values: Mapping[str, float]) -> list[Event]:
+        """The spike rules, then each open episode's verdict from the consequence signal (class docstring)."""
+        c = values.get(self.consequence or "")
+        x = values.get(self.signal)
+        onsets = self._update(step, values)
+        out: list[Event] = []
+        for key, ep in list(self.cepisodes.items()):  # the open episodes (global, or one per module), oldest first
+            spiking = self.module_in_spike.get(key, 0) > 0 if key else (x is not None and math.isfinite(x) and self.in_spike > 0)
+            if spiking:
+                ep["flags"] += 1
+                ep["last_flag"] = step
+            out += self._consequence_verdict(step, key, ep, c, x)
+        for onset in onsets:
+            key = onset.module if onset.evidence.get("scope") == "module" else ""
+            if key in self.cepisodes:
+                continue  # it comes back within its open episode: counted above
+            if c is None or len(self.cwindow) < self.min_history:
+                out.append(onset)  # no consequence to judge by: a warning at the onset, as without ``consequence``
+                continue
+            level, noise = self.cwindow.level_and_noise(self.recent)
+            scale = max(noise, self.noise_floor_rel * max(abs(level), 1e-12), 1e-12)
+            ep = self.cepisodes[key] = dict(onset=step, last_flag=step, flags=1, level=level, scale=scale, after=[],
+                                            module=onset.module, message=onset.message, evidence=dict(onset.evidence))
+            out.append(Event(self.kind, "info", step, onset.module, onset.message + f"; severity pending on {self.consequence}",
+                             dict(onset.evidence, provisional=True)))
+            if not math.isfinite(c):
+                out += self._consequence_verdict(step, key, ep, c, None)
+        if c is not None and math.isfinite(c):
+            self.cwindow.add(c)
+        return out
+
+    def _consequence_verdict(self, step: int, key: str, ep: dict, c: float | None, x: float | None) -> list[Event]:
+        """The final event of an open consequence episode, if this step decides it (else [])."""
+        k = self.consequence_steps
+        if (c is not None and not math.isfinite(c)) or (x is not None and not math.isfinite(x)):
+            bad = self.consequence if c is not None and not math.isfinite(c) else self.signal
+            return self._consequence_event(key, ep, "critical", f"then {bad} turned non-finite (step {step})")
+        if c is not None:
+            ep["after"].append((c - ep["level"]) / ep["scale"])
+        tail = ep["after"][-k:]
+        mean = sum(tail) / len(tail) if tail else 0.0
+        if len(tail) == k and mean > self.consequence_z:
+            return self._consequence_event(key, ep, "warning", f"then {self.consequence} rose (+{mean:.1f} noise units, "
+                                           f"mean of {k} observations)")
+        if ep["flags"] >= self.persist:
+            return self._consequence_event(key, ep, "warning", f"it persisted ({ep['flags']} spiking observations)")
+        if c is not None and step - ep["last_flag"] >= k and len(ep["after"]) >= k:
+            return self._consequence_event(key, ep, "info", f"{self.consequence} absorbed it (mean of the last {k} "
+                                           f"within {self.consequence_z:g} noise units)")
+        return []
+
+    def _consequence_event(self, key: str, ep: dict, severity: str, why: str) -> list[Event]:
+        del self.cepisodes[key]
+        tail = ep["after"][-self.consequence_steps:]
+        ev = dict(ep["evidence"], consequence=self.consequence, consequence_level=ep["level"], consequence_noise=ep["scale"],
+                  consequence_mean_z=sum(tail) / len(tail) if tail else None, spiking_observations=ep["flags"],
+                  observations_after=len(ep["after"]))
+        return [Event(self.kind, severity, ep["onset"], ep["module"], f"{ep['message']}; {why}", ev)]
 
     def _tail_area(self, scale: float) -> float:
         """The warning threshold from the run's own residual tail: add the sums of ``quick + 1``
@@ -257,6 +349,8 @@ class SpikeDetector:
                     self.module_in_spike[m] = n
                     if n == 1 and (best is None or zm > best[0]):
                         best = (zm, m, v, math.exp(level))
+                    if n >= self.persist:  # a module level that persists is its new normal (as the global rule)
+                        w.add(lv)
             if not flagged:
                 self.module_in_spike[m] = 0
                 w.add(lv)
@@ -285,7 +379,9 @@ class SpikeDetector:
     def state_dict(self) -> dict:
         return {"window": self.window.state_dict(), "in_spike": self.in_spike, "episode": dict(self.episode) if self.episode else None,
                 "modules": {m: w.state_dict() for m, w in self.module_windows.items()},
-                "module_in_spike": dict(self.module_in_spike), "last3": list(self.last3), "tail": self.tail.state_dict()}
+                "module_in_spike": dict(self.module_in_spike), "last3": list(self.last3), "tail": self.tail.state_dict(),
+                "cwindow": self.cwindow.state_dict(),
+                "cepisodes": {k: dict(ep, after=list(ep["after"])) for k, ep in self.cepisodes.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.window.load_state_dict(state["window"])
@@ -300,3 +396,7 @@ class SpikeDetector:
         self.last3 = deque(state.get("last3", []), maxlen=3)
         if "tail" in state:
             self.tail.load_state_dict(state["tail"])
+        if "cwindow" in state:
+            self.cwindow.load_state_dict(state["cwindow"])
+        self.cepisodes = {k: dict(ep, after=list(ep["after"]), evidence=dict(ep["evidence"]))
+                          for k, ep in state.get("cepisodes", {}).items()}
