@@ -78,7 +78,9 @@ class SpikeDetector:
     With ``module_prefix`` (e.g. ``grad/norm/``) the module whose own signal jumped most is named
     as responsible, and with ``module_z`` a module whose own signal jumps ``module_z`` noise units
     and ``module_ratio`` times above its own recent level is reported even when the global signal
-    hardly moves (a x100 gradient in one small module moves the global norm little).
+    hardly moves (a x100 gradient in one small module moves the global norm little). A module
+    level that stays flagged for ``persist`` observations enters the module's window (its new
+    normal, as for the global signal), so one shifted module does not stay flagged for good.
 
     With ``consequence`` (a signal name: ``grad_spike`` and ``update_spike`` use ``"loss"``) the
     severity of a spike (global or module-local) comes from what that signal does next: Adam
