@@ -416,7 +416,8 @@ def real_tables(real: dict, demo: dict | None) -> list[tuple[str, list[str], lis
         for kind, sev in sorted(r["first"].items(), key=lambda kv: min(kv[1].values())):
             parts = "/".join(f"{s[0]}@{st}" for s, st in sorted(sev.items(), key=lambda kv: kv[1]))
             if kind == "grad_spike":  # which module each grad spike was pinned on
-                named = [f"{e.step}: {e.module}" for e in r["events"] if e.kind == kind]
+                named = [f"{e.step}: {e.module}" for e in r["events"]  # the final event of each episode, not its provisional onset
+                         if e.kind == kind and not e.evidence.get("provisional")]
                 parts += "; " + ", ".join(named[:8]) + (f", +{len(named) - 8} more" if len(named) > 8 else "")
             fired.append(f"{kind} ({parts})")
         label = "; ".join([f"+{k}" for k in c.expect] + [f"+{k} at {v}" for k, v in c.onsets.items()]
