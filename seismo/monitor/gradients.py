@@ -180,7 +180,7 @@ class GradientProbe(HookedProbe):
         # the reductions of this step's backward passes: (slots or None for all, square sums, non-finite counts)
         self._parts: list[tuple[list[int] | None, Tensor, Tensor]] = []
         self._fired: list[Tensor] = []  # parameters whose gradient the running backward accumulated
-        self._queued = False
+        self._queued: int | None = None  # the graph task (backward) whose reduction is queued
 
     def setup(self, ctx: ProbeContext) -> None:
         groups = param_modules(ctx.model)
@@ -208,12 +208,13 @@ class GradientProbe(HookedProbe):
         if not self.armed:
             return
         self._fired.append(p)
-        if not self._queued:
-            self._queued = True
+        task = torch._C._current_graph_task_id()
+        if self._queued != task:  # once per backward; a backward that raised never ran its callback
+            self._queued = task
             Variable._execution_engine.queue_callback(self._reduce_fired)
 
     def _end_of_backward(self) -> None:
-        self._queued = False
+        self._queued = None
         fired, self._fired = self._fired, []
         if not fired or not self.armed:
             return
@@ -249,7 +250,7 @@ class GradientProbe(HookedProbe):
     def install(self, step: int) -> None:
         self._parts = []
         self._fired = []
-        self._queued = False
+        self._queued = None
         self._scale = None
         if self.source == "backward" and not self.step_hooks.handles:
             hook = self._hook

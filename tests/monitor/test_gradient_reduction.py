@@ -145,3 +145,47 @@ def test_reentrant_checkpointing_nested_backward_still_reads_every_gradient():
         total = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values()))
         assert mon.history["grad/norm"][1][-1] == pytest.approx(total, rel=1e-6)
     mon.close()
+
+
+def test_a_backward_that_raised_does_not_silence_the_next_one():
+    """A backward that raises (an OOM caught by a retry loop) never runs its end-of-backward
+    callback; the next backward of the step must still be reduced (it once recorded the first
+    micro-batch's norm only)."""
+
+    class Boom(torch.autograd.Function):
+        fail = False
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            if Boom.fail:
+                raise RuntimeError("simulated OOM")
+            return g
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.b(Boom.apply(self.a(x)))
+
+    torch.manual_seed(0)
+    m = M()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    mon = Monitor(m, opt, probes="minimal", flush_every=1)
+    opt.zero_grad(set_to_none=True)
+    m(torch.randn(3, 4)).sum().backward()  # micro-batch 1
+    Boom.fail = True
+    with pytest.raises(RuntimeError, match="simulated OOM"):
+        m(torch.randn(3, 4)).sum().backward()  # fails after b's gradient accumulated
+    Boom.fail = False
+    m(torch.randn(3, 4)).sum().backward()  # the retry
+    ref = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in m.parameters()))
+    opt.step()
+    mon.step(torch.tensor(1.0))
+    assert mon.history["grad/norm"][1][-1] == pytest.approx(ref, rel=1e-6)
+    mon.close()
