@@ -216,7 +216,9 @@ class SpikeDetector:
         onsets = self._update(step, values)
         out: list[Event] = []
         for key, ep in list(self.cepisodes.items()):  # the open episodes (global, or one per module), oldest first
-            spiking = self.module_in_spike.get(key, 0) > 0 if key else (x is not None and math.isfinite(x) and self.in_spike > 0)
+            # only observations of the signal count (module norms come with it): a step that recorded the loss alone
+            # neither extends an episode nor counts towards ``persist``
+            spiking = x is not None and math.isfinite(x) and (self.module_in_spike.get(key, 0) > 0 if key else self.in_spike > 0)
             if spiking:
                 ep["flags"] += 1
                 ep["last_flag"] = step

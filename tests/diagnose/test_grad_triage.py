@@ -7,6 +7,7 @@ units (warning), a non-finite loss (critical), or no loss at all (today's warnin
 """
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -188,3 +189,21 @@ def test_a_module_level_shift_becomes_its_new_normal():
     fin = [(e.step, e.module, e.severity) for e in evs if not e.evidence.get("provisional")]
     assert fin[0] == (100, "small", "warning") and "persisted" in evs[1].message
     assert (250, "small", "info") in fin
+
+
+def test_steps_without_grad_norms_do_not_extend_a_module_episode():
+    """Loss every step, gradient norms every 60 (a sparse schedule): one module outlier is one
+    spiking observation and the loss that stays flat makes it `info` (loss-only steps were once
+    counted as spiking, so 50 of them turned it into a 'persisted' warning)."""
+    det = next(d for d in default_detectors() if d.name == "grad_spike")
+    rng = random.Random(0)
+    events = []
+    for s in range(4000):
+        v = {"loss": 2.0 + 0.01 * rng.gauss(0, 1)}
+        if s % 60 == 0:
+            a, b = math.exp(0.02 * rng.gauss(0, 1)), math.exp(0.02 * rng.gauss(0, 1))
+            a *= 100 if s == 3000 else 1
+            v.update({"grad/norm": math.hypot(10 * b, 0.01 * a), "grad/norm/big": 10 * b, "grad/norm/small": 0.01 * a})
+        events += det.update(s, v)
+    final = [e for e in events if not e.evidence.get("provisional")]
+    assert [(e.severity, e.step, e.module, e.evidence["spiking_observations"]) for e in final] == [("info", 3000, "small", 1)]
