@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seismo.errors import ConfigError
 from seismo.mitigate.guard import Guard, GuardWarning
 
 WORLD = 2
@@ -77,6 +78,17 @@ def _worker(rank: int, out_dir: str) -> None:
                 "unchanged": unchanged,
                 "mode": guard.skip_mode,
             }
+        # rank 0 cannot create ckpt_dir (a path under a file): every rank gets the ConfigError, none waits
+        blocker = os.path.join(out_dir, "a_file")
+        if rank == 0:
+            open(blocker, "w").close()
+        dist.barrier()
+        model = nn.parallel.DistributedDataParallel(nn.Linear(2, 1))
+        try:
+            Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), ckpt_dir=os.path.join(blocker, "ckpt"))
+            results["bad_ckpt_dir"] = None
+        except ConfigError as e:
+            results["bad_ckpt_dir"] = str(e)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -86,6 +98,7 @@ def _worker(rank: int, out_dir: str) -> None:
 def test_all_ranks_skip_together_and_stay_identical(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
+    assert r0["bad_ckpt_dir"] and "ckpt" in r0["bad_ckpt_dir"] and r1["bad_ckpt_dir"] == r0["bad_ckpt_dir"] + " (on rank 0)"
     for mode in MODES:
         a, b = r0[mode], r1[mode]
         assert a["mode"] == b["mode"] == mode

@@ -149,13 +149,11 @@ class Guard:
         self._sharded = sharded.is_sharded(self.model)
         self._disk = self.ckpt_dir is not None and self.rank == 0  # False after a write failed: memory only
         self._writer: snapshots.SnapshotWriter | sharded.ShardedSnapshotWriter | None = None
-        if self._disk:
-            snapshots.prepare_dir(self.ckpt_dir)
-            if cfg.policy == "rollback" and cfg.disk_interval > 0 and not self._sharded:
-                self._writer = snapshots.SnapshotWriter(self.ckpt_dir, cfg.disk_keep)
+        if self.ckpt_dir is not None:
+            self._prepare_ckpt_dir()
+        if self._disk and cfg.policy == "rollback" and cfg.disk_interval > 0 and not self._sharded:
+            self._writer = snapshots.SnapshotWriter(self.ckpt_dir, cfg.disk_keep)
         if self._sharded and self.ckpt_dir is not None and cfg.policy == "rollback" and cfg.disk_interval > 0:
-            if self.world_size > 1:
-                dist.barrier()  # rank 0 created the directory
             self._writer = sharded.ShardedSnapshotWriter(self.ckpt_dir, cfg.disk_keep, self.model, self._opt_state,
                                                          self.rank, snapshots.list_snapshots)
         if self.ckpt_dir is None and cfg.policy == "rollback":
@@ -455,6 +453,22 @@ class Guard:
         self._pending, self._episode = [], None
         self._ring.clear()
         self._checked_dir = True
+
+    def _prepare_ckpt_dir(self) -> None:
+        """Rank 0 creates and probes ``ckpt_dir``; with several ranks the outcome is broadcast, so a
+        ConfigError is raised on every rank (the others would otherwise wait in the first collective)."""
+        why = None
+        if self.rank == 0:
+            try:
+                snapshots.prepare_dir(self.ckpt_dir)
+            except ConfigError as e:
+                why = str(e)
+        if self.world_size > 1:
+            box = [why]
+            dist.broadcast_object_list(box, src=0)
+            why = box[0]
+        if why is not None:
+            raise ConfigError(why if self.rank == 0 else f"{why} (on rank 0)")
 
     # --- internals: spike episodes and what they lead to ------------------------------------
     def _follow_episode(self, t: int, d: int, row: list[float]) -> tuple | None:
