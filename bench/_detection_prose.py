@@ -130,8 +130,7 @@ def prose_values(tables: list[Table]) -> dict[str, str]:
         v[f"{key}_fp_t3"], v[f"{key}_fp_all"] = str(t3), str(total)
     # real runs (optional: --no-real leaves them out)
     try:
-        _, rows = find(tables, "Real runs: spike episodes")
-        header = find(tables, "Real runs: spike episodes")[0]
+        header, rows = find(tables, "Real runs: spike episodes")
         rs = {(d["kind"], d["detector"]): d for d in (dict(zip(header, r)) for r in rows)}
         for kind, key in (("loss_spike", "rl"), ("grad_spike", "rg")):
             for name, short in (("seismo", "s"), ("olmo_core", "o"), ("llm_foundry", "f"), ("lightning", "l")):

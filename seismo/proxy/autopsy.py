@@ -43,7 +43,7 @@ from seismo.proxy.autopsy_replay import ReplaySpec, default_spam_threshold, qk_c
 from seismo.proxy.autopsy_verdict import AutopsyVerdict, analyse
 from seismo.proxy.data import load_dataset
 from seismo.proxy.model import TinyGPT
-from seismo.proxy.sweep import exit_with_parent
+from seismo.proxy.sweep import exit_with_parent, ray_completed
 from seismo.proxy.train import TrainConfig, build_optimizer, checkpoint_history, poison_batch
 from seismo.store import RunStore
 
@@ -264,7 +264,7 @@ def _picklable(obj: Any) -> bool:
 
 def _execute(jobs: list[dict], workers: int, backend: str, ray_address: str | None) -> Iterator[dict]:
     if backend == "ray":
-        yield from _ray(jobs, workers, ray_address)
+        yield from (result for _, result in ray_completed(run_replay, list(enumerate(jobs)), workers, ray_address))
         return
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
@@ -282,29 +282,6 @@ def _execute(jobs: list[dict], workers: int, backend: str, ray_address: str | No
         finally:
             for fut in futures:
                 fut.cancel()
-
-
-def _ray(jobs: list[dict], workers: int, address: str | None) -> Iterator[dict]:
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("backend: the ray backend needs Ray: pip install 'seismo[ray]'") from None
-    started = False
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        kwargs.update(address=address) if address else kwargs.update(address="local", num_cpus=workers)
-        ray.init(**kwargs)
-        started = True
-    try:
-        remote = ray.remote(num_cpus=1)(run_replay)
-        pending = [remote.remote(**job) for job in jobs]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                yield ray.get(ref)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def run_autopsy(loop, checkpoints: Mapping[int, Any], spike: int, *, window: int = DEFAULT_WINDOW, after: int | None = None,

@@ -207,7 +207,11 @@ def _local_results(todo: list[Trial], workers: int) -> Iterator[tuple[Trial, dic
                 fut.cancel()
 
 
-def _ray_results(todo: list[Trial], workers: int, address: str | None) -> Iterator[tuple[Trial, dict]]:
+def ray_completed(fn: Callable[..., Any], calls: list[tuple[Any, dict]], workers: int,
+                  address: str | None) -> Iterator[tuple[Any, Any]]:
+    """``fn(**kwargs)`` for each ``(key, kwargs)`` of ``calls`` as Ray tasks of one CPU each; yields
+    ``(key, result)`` as they finish. Starts a local Ray with ``workers`` CPUs (or joins ``address``)
+    unless one is running, and shuts down only what it started."""
     try:
         import ray
     except ImportError:
@@ -222,8 +226,8 @@ def _ray_results(todo: list[Trial], workers: int, address: str | None) -> Iterat
         ray.init(**kwargs)
         started = True
     try:
-        remote = ray.remote(num_cpus=1)(run_trial)
-        pending = {remote.remote(t.config): t for t in todo}
+        remote = ray.remote(num_cpus=1)(fn)
+        pending = {remote.remote(**kw): key for key, kw in calls}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
@@ -260,7 +264,8 @@ def run_sweep(
         total, done = len(trials), len(trials) - len(todo)
         if on_progress:
             on_progress(done, total, min(workers, len(todo)), None)
-        results = _ray_results(todo, workers, ray_address) if backend == "ray" else _local_results(todo, workers)
+        results = (ray_completed(run_trial, [(t, dict(config=t.config)) for t in todo], workers, ray_address) if backend == "ray"
+                   else _local_results(todo, workers))
         new_ids = []
         for trial, rec in results:
             new_ids.append(_store_trial(store, trial, rec, replaces=failed.pop(trial.key, None)))
